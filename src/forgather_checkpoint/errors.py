@@ -70,3 +70,7 @@ class ConfirmationRequiredError(CheckpointToolError):
 
 class AbortedError(CheckpointToolError):
     """The user declined the confirmation prompt; nothing was changed."""
+
+
+class UsageProblem(CheckpointToolError):
+    """An option combination that makes no sense for the target (exit status 2, like click)."""
