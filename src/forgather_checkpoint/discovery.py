@@ -220,7 +220,7 @@ def discover_components(path: Path) -> CheckpointInfo:
     backups: list[Path] = []
     for entry in sorted(path.iterdir()):
         name = entry.name
-        if name == TOOL_DIR_NAME:
+        if name in (TOOL_DIR_NAME, MANIFEST_NAME):
             continue
         if is_temp_file(name):
             temps.append(entry)

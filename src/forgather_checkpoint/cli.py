@@ -1,0 +1,499 @@
+"""The ``forgather checkpoint`` command group.
+
+Parses options, calls the services in ``operations``, renders what comes back. stdout carries
+data (tables, ``--json``); stderr carries chatter (progress, warnings, prompts). Domain errors
+become ``Error: ...`` with exit status 1 in exactly one place, ``_CheckpointGroup.invoke``.
+
+This module must import without importing torch: the ``forgather`` host imports every plugin to
+render ``forgather --help``. Services are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import CheckpointToolError, EditSpecError, UsageProblem
+
+JSON_SCHEMA_VERSION = 1
+
+
+class _CheckpointGroup(click.Group):
+    """Maps the tool's typed errors to click's exits (1 for errors, 2 for usage)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageProblem as exc:
+            raise click.UsageError(str(exc)) from exc
+        except CheckpointToolError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(cls=_CheckpointGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="forgather-checkpoint", prog_name="forgather-checkpoint")
+def checkpoint() -> None:
+    """Inspect and change hyperparameters in saved checkpoints.
+
+    Change the learning rate, weight decay, betas, scheduler position or any other non-tensor
+    value of a saved Forgather checkpoint, so a long run resumes with the change instead of
+    restarting. Every file of a component (all rank files) is edited as one unit, originals
+    are backed up, and nothing is replaced unless every new file validates.
+
+    \b
+    Examples:
+      forgather checkpoint components checkpoints/checkpoint-10000
+      forgather checkpoint list checkpoints/checkpoint-10000 --component optimizer
+      forgather checkpoint modify checkpoints/checkpoint-10000 --component optimizer \\
+          --set weight_decay=0.01 --scale lr=0.5 --dry-run
+
+    Exit status: 0 success, 1 error (nothing changed), 2 usage error.
+    """
+
+
+CHECKPOINT_ARG = click.argument(
+    "checkpoint_path", metavar="CHECKPOINT",
+    type=click.Path(path_type=Path, exists=False, file_okay=True, dir_okay=True),
+)
+VERBOSE_OPT = click.option("-v", "--verbose", is_flag=True, help="Show more detail.")
+JSON_OPT = click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on stdout (schema in the README).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering helpers
+
+
+def _echo_json(document: dict[str, Any]) -> None:
+    click.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{size} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{size} B"  # unreachable; keeps type checkers content
+
+
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+def _progress(verbose: bool, quiet: bool) -> Callable[[str, int, int], None] | None:
+    """Progress on stderr: a live line on a terminal, log lines with -v, nothing with -q."""
+    if quiet:
+        return None
+    interactive = sys.stderr.isatty()
+    if not (verbose or interactive):
+        return None
+
+    def report(message: str, done: int, total: int) -> None:
+        text = f"[{done + 1}/{total}] {message}" if total else message
+        if interactive and not verbose:
+            end = "\n" if done + 1 >= total else ""
+            click.echo(f"\r\033[K{text}", err=True, nl=False)
+            if end:
+                click.echo("", err=True)
+        else:
+            click.echo(text, err=True)
+
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# components
+
+
+@checkpoint.command()
+@CHECKPOINT_ARG
+@VERBOSE_OPT
+@JSON_OPT
+def components(checkpoint_path: Path, verbose: bool, as_json: bool) -> None:
+    """List the components of a checkpoint (optimizer, scheduler, rng, ...).
+
+    Shows each component's sharing pattern (from checkpoint_manifest.json when present,
+    otherwise inferred from the file names), file count and total size. Model weights, the
+    manifest and other files are listed apart: this tool never edits them.
+
+    \b
+    Example:
+      forgather checkpoint components checkpoints/checkpoint-10000 -v
+    """
+    from .operations import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint_path)
+    pending = _pending_commit(info.path)
+    if as_json:
+        _echo_json(_components_json(info, pending))
+        return
+    click.echo(f"Checkpoint: {info.path.resolve()}")
+    manifest = "none (patterns inferred from file names)"
+    if info.manifest_path.exists():
+        manifest = f"{info.manifest_path.name} (kept up to date by modify)"
+    click.echo(f"Manifest: {manifest}")
+    click.echo("")
+    click.echo(f"Found {len(info.components)} component(s):")
+    for component in info.components.values():
+        click.echo("")
+        click.echo(f"  {component.key}")
+        source = "manifest" if component.from_manifest else "file names"
+        click.echo(f"    Pattern: {component.sharing_pattern} (from {source})")
+        click.echo(f"    Files: {len(component.files)}")
+        click.echo(f"    Size: {_human_size(component.size_bytes)}")
+        if verbose:
+            for file in component.files:
+                click.echo(f"      {file.name}  {_human_size(file.size_bytes)}")
+        for name in component.missing:
+            click.echo(f"    MISSING: {name}")
+    if info.other_files:
+        click.echo("")
+        click.echo("Other files (never edited):")
+        for path in info.other_files:
+            suffix = "/" if path.is_dir() else ""
+            click.echo(f"  {path.name}{suffix}")
+    if info.backup_files:
+        click.echo("")
+        click.echo("Backups:")
+        for path in info.backup_files:
+            click.echo(f"  {path.name}")
+    if info.manifest_error:
+        _warn(f"manifest cannot be loaded by Forgather: {info.manifest_error}")
+    for path in info.temp_files:
+        _warn(f"leftover temp file from an interrupted edit: {path.name} "
+              f"(run 'forgather checkpoint recover {info.path}')")
+    if pending:
+        _warn(f"an edit of this checkpoint was interrupted ({pending}); "
+              f"run 'forgather checkpoint recover {info.path}'")
+
+
+def _pending_commit(path: Path) -> str | None:
+    try:
+        from .writer import pending_commit
+    except ImportError:
+        return None
+    state = pending_commit(path)
+    return None if not state else str(state)
+
+
+def _components_json(info: Any, pending: str | None) -> dict[str, Any]:
+    return {
+        "schema": "forgather-checkpoint.components",
+        "version": JSON_SCHEMA_VERSION,
+        "checkpoint": str(info.path.resolve()),
+        "has_manifest": info.manifest is not None,
+        "manifest_error": info.manifest_error,
+        "components": [
+            {
+                "name": c.key,
+                "sharing_pattern": c.sharing_pattern,
+                "pattern_source": "manifest" if c.from_manifest else "file_names",
+                "file_count": len(c.files),
+                "size_bytes": c.size_bytes,
+                "files": [
+                    {"name": f.name, "size_bytes": f.size_bytes, "rank": f.rank,
+                     "group_name": f.group_name, "group_rank": f.group_rank,
+                     "node_rank": f.node_rank}
+                    for f in c.files
+                ],
+                "missing_files": list(c.missing),
+            }
+            for c in info.components.values()
+        ],
+        "other_files": [p.name for p in info.other_files],
+        "backup_files": [p.name for p in info.backup_files],
+        "temp_files": [p.name for p in info.temp_files],
+        "interrupted_commit": pending,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# list
+
+
+@checkpoint.command(name="list")
+@CHECKPOINT_ARG
+@click.option("--component", "-c", default="optimizer", show_default=True,
+              help="Component to inspect.")
+@VERBOSE_OPT
+@JSON_OPT
+def list_command(checkpoint_path: Path, component: str, verbose: bool, as_json: bool) -> None:
+    """List the parameters of a component that can be modified.
+
+    Optimizer: each param group's hyperparameters. Other components: every value, nested ones
+    as dotted paths (e.g. _schedulers.0.base_lrs) usable as KEY in 'modify'. Tensors are
+    described (dtype, shape), never printed. Every file is read; where rank files disagree,
+    each value is shown with the files that hold it.
+
+    \b
+    Examples:
+      forgather checkpoint list checkpoints/checkpoint-10000
+      forgather checkpoint list checkpoints/checkpoint-10000 --component scheduler -v
+    """
+    from .listing import format_value, to_json_value, type_name
+    from .operations import list_component
+
+    info, chosen, listing = list_component(checkpoint_path, component,
+                                           _progress(verbose, quiet=as_json))
+    if as_json:
+        _echo_json({
+            "schema": "forgather-checkpoint.list",
+            "version": JSON_SCHEMA_VERSION,
+            "checkpoint": str(info.path.resolve()),
+            "component": chosen.key,
+            "sharing_pattern": chosen.sharing_pattern,
+            "files": list(listing.files),
+            "consistent": listing.consistent,
+            "entries": [
+                {
+                    "optimizer": entry.optimizer,
+                    "group": entry.group,
+                    "key": entry.key,
+                    "consistent": entry.consistent,
+                    "values": [
+                        {"value": to_json_value(v.value), "repr": format_value(v.value),
+                         "type": type_name(v.value), "files": list(v.files)}
+                        for v in entry.variants
+                    ],
+                    "absent_from": list(entry.absent_from),
+                }
+                for entry in listing.entries
+            ],
+        })
+        return
+    click.echo(f"Component: {chosen.key}")
+    click.echo(f"Files: {', '.join(listing.files)}")
+    if verbose:
+        click.echo(f"Pattern: {chosen.sharing_pattern}")
+    section: tuple[int | None, int | None] | None = None
+    if not listing.has_param_groups:
+        click.echo("")
+    for entry in listing.entries:
+        here = (entry.optimizer, entry.group)
+        if listing.has_param_groups and here != section:
+            section = here
+            click.echo("")
+            if entry.group is None:
+                click.echo("Other values:")
+            elif entry.optimizer is None:
+                click.echo(f"Param group {entry.group}:")
+            else:
+                click.echo(f"Optimizer {entry.optimizer}, param group {entry.group}:")
+        indent = "  " if listing.has_param_groups else ""
+        if entry.consistent:
+            value = entry.variants[0].value
+            kind = f"  ({type_name(value)})" if verbose else ""
+            click.echo(f"{indent}{entry.key}: {format_value(value)}{kind}")
+            continue
+        click.echo(f"{indent}{entry.key}: differs between files:")
+        for variant in entry.variants:
+            kind = f" ({type_name(variant.value)})" if verbose else ""
+            click.echo(f"{indent}    {format_value(variant.value)}{kind}  "
+                       f"in {', '.join(variant.files)}")
+        if entry.absent_from:
+            click.echo(f"{indent}    (absent)  in {', '.join(entry.absent_from)}")
+    if not listing.consistent and chosen.sharing_pattern in ("global", "replicated"):
+        _warn(f"the files of {chosen.key} disagree on some values (shown per file above)")
+
+
+# ---------------------------------------------------------------------------------------------
+# modify
+
+
+def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence[str]], Any]:
+    from .editor import parse_edit_spec
+
+    def callback(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> Any:
+        specs = []
+        for text in values:
+            try:
+                specs.append(parse_edit_spec(text, kind))  # type: ignore[arg-type]
+            except EditSpecError as exc:
+                raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        return tuple(specs)
+
+    return callback
+
+
+@checkpoint.command()
+@CHECKPOINT_ARG
+@click.option("--component", "-c", required=True,
+              help="Component to modify (e.g. optimizer, scheduler; see 'components').")
+@click.option("--set", "set_specs", multiple=True, metavar="KEY=VALUE",
+              callback=_edit_specs("set"),
+              help="Set KEY to a Python literal: 0.01, 1e-4, True, \"(0.9,0.98)\", \"'adam'\".")
+@click.option("--scale", "scale_specs", multiple=True, metavar="KEY=FACTOR",
+              callback=_edit_specs("scale"),
+              help="Multiply a number (or each number of a list, e.g. base_lrs) by FACTOR.")
+@click.option("--param-group", type=click.IntRange(min=0), default=None, metavar="INDEX",
+              help="Optimizer only: edit just this param group (default: all groups).")
+@click.option("--dry-run", is_flag=True, help="Show the planned changes; write nothing.")
+@click.option("--no-backup", is_flag=True,
+              help="Do not keep a backup of the originals (the commit is still atomic).")
+@click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+@VERBOSE_OPT
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@JSON_OPT
+def modify(
+    checkpoint_path: Path,
+    component: str,
+    set_specs: tuple[Any, ...],
+    scale_specs: tuple[Any, ...],
+    param_group: int | None,
+    dry_run: bool,
+    no_backup: bool,
+    force: bool,
+    verbose: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Modify non-tensor values of a component in every one of its files.
+
+    KEY is a parameter name (for the optimizer: a param group key such as lr) or a dotted
+    path into nested state (e.g. _schedulers.0.base_lrs). --set keeps a value's kind
+    (ints stay ints, tuples stay tuples, bools take only True/False); --scale multiplies
+    numbers and lists of numbers. Optimizer 'params' and 'state', and tensors, are never
+    edited.
+
+    The plan is shown per file and param group, then confirmed (--force skips the prompt;
+    without a terminal --force is required). Every file of the component is staged,
+    validated and only then replaced, as one unit; originals are kept as backups
+    (FILE.bak holds the pre-first-edit bytes). checkpoint_manifest.json is updated.
+
+    \b
+    Examples:
+      forgather checkpoint modify ckpt/ --component optimizer --set weight_decay=0.01
+      forgather checkpoint modify ckpt/ -c optimizer --scale lr=0.5 --param-group 0 --dry-run
+      forgather checkpoint modify ckpt/ -c scheduler --set last_epoch=5000 --force
+    """
+    from .operations import apply_modify, prepare_modify
+
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet cannot be combined")
+    specs = list(set_specs) + list(scale_specs)
+    if not specs:
+        raise click.UsageError(
+            "give at least one modification: --set KEY=VALUE or --scale KEY=FACTOR"
+        )
+    progress = _progress(verbose, quiet or as_json)
+    plan = prepare_modify(checkpoint_path, component, specs, param_group, progress)
+    for warning in plan.warnings:
+        if not quiet:
+            _warn(warning)
+
+    if not as_json and not quiet:
+        _show_plan(plan, verbose)
+    if dry_run or not plan.has_changes:
+        if as_json:
+            _echo_json(_modify_json(plan, dry_run=dry_run, result=None))
+        elif not quiet:
+            click.echo("")
+            click.echo("Dry run: nothing was written." if dry_run
+                       else "Nothing to change: every value already has the requested value.")
+        return
+    if not force:
+        _confirm(plan)
+    result = apply_modify(plan, backup=not no_backup, progress=progress)
+    if as_json:
+        _echo_json(_modify_json(plan, dry_run=False, result=result))
+        return
+    if not quiet:
+        click.echo("")
+        files = len(plan.edit_plan.changed_files)
+        click.echo(f"Modified {files} file(s) of {plan.component.key} in {plan.info.path}.")
+        for line in _result_lines(result):
+            click.echo(line)
+
+
+def _confirm(plan: Any) -> None:
+    from .errors import AbortedError, ConfirmationRequiredError
+
+    if not sys.stdin.isatty():
+        raise ConfirmationRequiredError(
+            "refusing to modify without confirmation: there is no terminal to ask; "
+            "review the plan with --dry-run, then pass --force"
+        )
+    changes = sum(1 for c in plan.edit_plan.changes if c.changed)
+    files = len(plan.edit_plan.changed_files)
+    if not click.confirm(f"Apply {changes} change(s) to {files} file(s)?", default=False,
+                         err=True):
+        raise AbortedError("aborted at the prompt; nothing was changed")
+
+
+def _show_plan(plan: Any, verbose: bool) -> None:
+    from .listing import format_value
+
+    click.echo(f"Checkpoint: {plan.info.path}")
+    click.echo(f"Component: {plan.component.key} ({plan.component.sharing_pattern}, "
+               f"{len(plan.component.files)} file(s))")
+    click.echo("")
+    click.echo("Planned changes:")
+    for file_plan in plan.edit_plan.files:
+        click.echo(f"  {file_plan.document.path.name}")
+        location = None
+        for change in file_plan.changes:
+            if change.location != location:
+                location = change.location
+                if location:
+                    click.echo(f"    {location}:")
+            indent = "      " if location else "    "
+            note = "" if change.changed else "  (unchanged)"
+            click.echo(f"{indent}{change.key}: {format_value(change.old)} -> "
+                       f"{format_value(change.new)}{note}")
+
+
+def _result_lines(result: Any) -> list[str]:
+    lines = []
+    backups = getattr(result, "backups", None) or ()
+    for backup in backups:
+        path = getattr(backup, "path", backup)
+        how = getattr(backup, "method", None)
+        lines.append(f"Backup: {path}" + (f" ({how})" if how else ""))
+    return lines
+
+
+def _modify_json(plan: Any, *, dry_run: bool, result: Any) -> dict[str, Any]:
+    from .listing import to_json_value
+
+    backups = []
+    for backup in (getattr(result, "backups", None) or ()) if result is not None else ():
+        backups.append(str(getattr(backup, "path", backup)))
+    return {
+        "schema": "forgather-checkpoint.modify",
+        "version": JSON_SCHEMA_VERSION,
+        "checkpoint": str(plan.info.path.resolve()),
+        "component": plan.component.key,
+        "dry_run": dry_run,
+        "applied": result is not None,
+        "commit_id": getattr(result, "commit_id", None),
+        "warnings": list(plan.warnings),
+        "files": [
+            {
+                "name": fp.document.path.name,
+                "changed": fp.changed,
+                "changes": [
+                    {"optimizer": c.optimizer, "group": c.group, "key": c.key,
+                     "old": to_json_value(c.old), "new": to_json_value(c.new),
+                     "changed": c.changed}
+                    for c in fp.changes
+                ],
+            }
+            for fp in plan.edit_plan.files
+        ],
+        "backups": backups,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the stand-alone ``forgather-checkpoint`` script."""
+    checkpoint.main(args=list(argv) if argv is not None else None,
+                    prog_name="forgather-checkpoint")

@@ -1,0 +1,229 @@
+"""The use cases behind the commands: components, list, modify.
+
+Each function takes paths and plain options, drives discovery/editor/stateformat/writer and
+returns records; it never prints. ``prepare_modify`` is the plan (shown by ``--dry-run`` and by the
+confirmation prompt), ``apply_modify`` the commit.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .discovery import CheckpointInfo, Component, discover_components, read_manifest
+from .editor import EditPlan, EditSpec, FilePlan, plan_edits
+from .errors import ManifestError
+from .listing import ComponentListing, list_documents, to_json_value
+from .stateformat import StateDocument, read_state_file, verify_state_file, write_state_file
+
+Progress = Callable[[str, int, int], None]
+
+
+def inspect_checkpoint(path: Path) -> CheckpointInfo:
+    """Discover the components of a checkpoint directory."""
+    return discover_components(Path(path))
+
+
+def read_component(
+    info: CheckpointInfo, component: Component, progress: Progress | None = None
+) -> list[StateDocument]:
+    """Decode every file of a component (all of them, not just the first)."""
+    documents = []
+    for index, file in enumerate(component.files):
+        if progress is not None:
+            progress(f"reading {file.name}", index, len(component.files))
+        documents.append(read_state_file(file.path))
+    return documents
+
+
+def list_component(path: Path, component: str, progress: Progress | None = None
+                   ) -> tuple[CheckpointInfo, Component, ComponentListing]:
+    """What ``forgather checkpoint list`` shows: every file's values, merged."""
+    info = inspect_checkpoint(path)
+    chosen = info.complete_component(component)
+    documents = read_component(info, chosen, progress)
+    return info, chosen, list_documents(component, documents)
+
+
+@dataclass(frozen=True)
+class ModifyPlan:
+    """Everything a modify will do, computed without touching the disk."""
+
+    info: CheckpointInfo
+    component: Component
+    edit_plan: EditPlan
+    warnings: tuple[str, ...]
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.edit_plan.changed_files)
+
+
+def prepare_modify(
+    path: Path,
+    component: str,
+    specs: Sequence[EditSpec],
+    param_group: int | None = None,
+    progress: Progress | None = None,
+) -> ModifyPlan:
+    """Read every file of ``component`` and plan ``specs``; raises before any write."""
+    info = inspect_checkpoint(path)
+    if info.manifest_error is not None:
+        raise ManifestError(
+            f"{info.manifest_error}; refusing to modify a checkpoint whose manifest Forgather "
+            "cannot load (fix or restore checkpoint_manifest.json first)"
+        )
+    chosen = info.complete_component(component)
+    documents = read_component(info, chosen, progress)
+    edit_plan = plan_edits(component, documents, specs, param_group)
+    return ModifyPlan(info, chosen, edit_plan, tuple(_lr_warnings(info, component, edit_plan)))
+
+
+def _lr_warnings(info: CheckpointInfo, component: str, plan: EditPlan) -> list[str]:
+    if component != "optimizer":
+        return []
+    if not any(c.changed and c.key in ("lr", "initial_lr") for c in plan.changes):
+        return []
+    scheduler = info.components.get("scheduler")
+    if scheduler is None or not scheduler.files:
+        return []
+    try:
+        root = read_state_file(scheduler.files[0].path).root
+    except Exception:  # noqa: BLE001 - a warning must never turn into a failure
+        return []
+    if not _has_base_lrs(root):
+        return []
+    return [
+        "the scheduler recomputes lr from its base_lrs on every step, so this lr change "
+        "lasts one step; to change the learning rate for the rest of training use "
+        f"'forgather checkpoint lr {info.path} --set VALUE' (or also edit the scheduler's "
+        "base_lrs with --component scheduler)"
+    ]
+
+
+def _has_base_lrs(node: Any) -> bool:
+    if isinstance(node, Mapping):
+        return "base_lrs" in node or any(_has_base_lrs(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_base_lrs(v) for v in node)
+    return False
+
+
+def change_summary(plan: EditPlan) -> list[dict[str, Any]]:
+    """The changes as JSON-safe records (for the manifest, history and ``--json``)."""
+    return [
+        {
+            "file": change.file,
+            "optimizer": change.optimizer,
+            "group": change.group,
+            "key": change.key,
+            "old": to_json_value(change.old),
+            "new": to_json_value(change.new),
+        }
+        for change in plan.changes
+        if change.changed
+    ]
+
+
+def apply_modify(
+    plan: ModifyPlan,
+    *,
+    backup: bool = True,
+    wait: float = 0.0,
+    progress: Progress | None = None,
+) -> Any:
+    """Commit the plan as one transaction; returns the writer's CommitResult."""
+    from .writer import StagedWrite, commit_atomically
+
+    writes = [
+        StagedWrite(
+            target=file_plan.document.path,
+            render=_renderer(file_plan),
+            validate=_validator(file_plan),
+        )
+        for file_plan in plan.edit_plan.changed_files
+    ]
+    record = {
+        "command": "modify",
+        "component": plan.component.key,
+        "changes": change_summary(plan.edit_plan),
+    }
+    if plan.info.manifest is not None:
+        writes.append(_manifest_write(plan, record))
+    return commit_atomically(plan.info.path, writes, backup=backup, record=record, wait=wait,
+                             progress=progress)
+
+
+def _renderer(file_plan: FilePlan) -> Callable[[Path, Mapping[Path, Path]], None]:
+    def render(temp: Path, staged: Mapping[Path, Path]) -> None:
+        write_state_file(file_plan.document, file_plan.new_root, temp)
+
+    return render
+
+
+def _validator(file_plan: FilePlan) -> Callable[[Path], None]:
+    def validate(temp: Path) -> None:
+        verify_state_file(file_plan.document, temp, file_plan.new_root)
+
+    return validate
+
+
+def modified_by() -> str:
+    """Who made a change, as recorded in the manifest and history."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"forgather-checkpoint {__version__} ({user}@{socket.gethostname()})"
+
+
+def _manifest_write(plan: ModifyPlan, record: Mapping[str, Any]) -> Any:
+    from .writer import StagedWrite
+
+    manifest_path = plan.info.manifest_path
+    key = plan.component.key
+    files = [f.path for f in plan.component.files]
+
+    def render(temp: Path, staged: Mapping[Path, Path]) -> None:
+        # Re-read rather than reuse the discovered copy: it is the bytes being replaced.
+        manifest = read_manifest(manifest_path)
+        entry = manifest["components"].get(key)
+        if entry is not None:
+            entry["size_bytes"] = sum(os.stat(staged.get(p, p)).st_size for p in files)
+            entry["checksum"] = None
+            metadata = entry.get("metadata")
+            if not isinstance(metadata, dict):
+                metadata = {}
+                entry["metadata"] = metadata
+            now = datetime.now(timezone.utc).astimezone().isoformat()
+            metadata["modified_by"] = modified_by()
+            metadata["modified_at"] = now
+            history = metadata.get("modifications")
+            if not isinstance(history, list):
+                history = []
+            history.append({"at": now, "changes": list(record["changes"])})
+            metadata["modifications"] = history
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.write("\n")
+
+    def validate(temp: Path) -> None:
+        from .errors import ValidationError
+
+        try:
+            written = read_manifest(temp)
+        except ManifestError as exc:
+            raise ValidationError(f"updated manifest would not load: {exc}") from exc
+        original = plan.info.manifest or {}
+        if written.get("timestamp") != original.get("timestamp"):
+            raise ValidationError("updated manifest changed the top-level timestamp")
+
+    return StagedWrite(target=manifest_path, render=render, validate=validate)
