@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from forgather_loader import LoadedComponent, load_manifest_strict
 
 from forgather_checkpoint import examples
 from forgather_checkpoint.examples import (
@@ -21,6 +20,7 @@ from forgather_checkpoint.examples import (
     build_checkpoint,
     make_rank_objects,
 )
+from forgather_loader import LoadedComponent, load_manifest_strict
 
 FILE_PATTERNS = {
     "global": r"{key}_state\.pt",
