@@ -9,6 +9,7 @@ full set of suffixes instead of being split on underscores.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -109,10 +110,12 @@ class CheckpointInfo:
         try:
             return self.components[key]
         except KeyError:
-            found = ", ".join(sorted(self.components)) or "none"
+            found = ", ".join(self.components) or "none"
+            close = difflib.get_close_matches(key, list(self.components), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
             raise ComponentNotFoundError(
                 f"no {key} files in {self.path} (found: {found}); "
-                f"see 'forgather checkpoint components {self.path}'"
+                f"{hint}see 'forgather checkpoint components {self.path}'"
             ) from None
 
     def complete_component(self, key: str) -> Component:
