@@ -74,3 +74,7 @@ class AbortedError(CheckpointToolError):
 
 class UsageProblem(CheckpointToolError):
     """An option combination that makes no sense for the target (exit status 2, like click)."""
+
+
+class HistoryError(CheckpointToolError):
+    """The edit history cannot satisfy a restore (unknown entry, backup not kept or missing)."""
