@@ -20,7 +20,8 @@ from forgather_checkpoint.examples import (
     build_checkpoint,
     make_rank_objects,
 )
-from forgather_loader import LoadedComponent, load_manifest_strict
+
+from .forgather_loader import LoadedComponent, load_manifest_strict
 
 FILE_PATTERNS = {
     "global": r"{key}_state\.pt",
