@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .errors import CheckpointToolError, EditSpecError, UsageProblem
+from .errors import CheckpointToolError, EditSpecError, StaleReadError, UsageProblem
 
 JSON_SCHEMA_VERSION = 1
 
@@ -63,6 +63,10 @@ CHECKPOINT_ARG = click.argument(
     "checkpoint_path", metavar="CHECKPOINT",
     type=click.Path(path_type=Path, exists=False, file_okay=True, dir_okay=True),
 )
+WAIT_OPT = click.option(
+    "--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+    help="If another edit holds the checkpoint's lock, wait up to SECONDS for it.")
+_STALE_RETRIES = 5
 VERBOSE_OPT = click.option("-v", "--verbose", is_flag=True, help="Show more detail.")
 JSON_OPT = click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON document on stdout (schema in the README).")
@@ -340,6 +344,7 @@ def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence
 @click.option("--no-backup", is_flag=True,
               help="Do not keep a backup of the originals (the commit is still atomic).")
 @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+@WAIT_OPT
 @VERBOSE_OPT
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @JSON_OPT
@@ -352,6 +357,7 @@ def modify(
     dry_run: bool,
     no_backup: bool,
     force: bool,
+    wait: float,
     verbose: bool,
     quiet: bool,
     as_json: bool,
@@ -402,7 +408,16 @@ def modify(
         return
     if not force:
         _confirm(plan)
-    result = apply_modify(plan, backup=not no_backup, progress=progress)
+    for attempt in range(_STALE_RETRIES):
+        try:
+            result = apply_modify(plan, backup=not no_backup, wait=wait, progress=progress)
+            break
+        except StaleReadError:
+            # Another editor committed between our read and our commit. With --force the
+            # user asked for these edits whatever the current values: plan them again.
+            if not force or attempt == _STALE_RETRIES - 1:
+                raise
+            plan = prepare_modify(checkpoint_path, component, specs, param_group, progress)
     if as_json:
         _echo_json(_modify_json(plan, dry_run=False, result=result))
         return
@@ -491,6 +506,174 @@ def _modify_json(plan: Any, *, dry_run: bool, result: Any) -> dict[str, Any]:
         ],
         "backups": backups,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# recover, history, restore
+
+
+@checkpoint.command()
+@CHECKPOINT_ARG
+@WAIT_OPT
+@JSON_OPT
+def recover(checkpoint_path: Path, wait: float, as_json: bool) -> None:
+    """Finish or undo an edit that was interrupted (crash, kill, power loss).
+
+    An edit is committed through a journal: if it stopped before its commit point it is
+    undone, otherwise it is finished, so every file is either all as before or all as
+    intended. Leftover temp files are removed. Safe to run at any time and to repeat; every
+    other command that touches a checkpoint also does this first.
+
+    \b
+    Example:
+      forgather checkpoint recover checkpoints/checkpoint-10000
+    """
+    from .operations import inspect_checkpoint
+    from .writer import recover as recover_checkpoint
+
+    info = inspect_checkpoint(checkpoint_path)
+    result = recover_checkpoint(info.path, wait=wait)
+    if as_json:
+        _echo_json({
+            "schema": "forgather-checkpoint.recover",
+            "version": JSON_SCHEMA_VERSION,
+            "checkpoint": str(info.path.resolve()),
+            "action": result.action if result else "none",
+            "commit_id": result.commit_id if result else None,
+            "files": [str(p) for p in result.files] if result else [],
+            "removed_temp_files": [str(p) for p in result.removed_temp_files] if result else [],
+        })
+        return
+    if result is None:
+        click.echo(f"Nothing to recover in {info.path}.")
+        return
+    click.echo(f"Recovered {info.path}: {result.action}"
+               + (f" (commit {result.commit_id})" if result.commit_id else ""))
+    for path in result.files:
+        click.echo(f"  {path}")
+    for path in result.removed_temp_files:
+        click.echo(f"  removed temp file {path.name}")
+
+
+@checkpoint.command()
+@CHECKPOINT_ARG
+@JSON_OPT
+def history(checkpoint_path: Path, as_json: bool) -> None:
+    """Show the edits made to a checkpoint by this tool, oldest first.
+
+    Each entry has an id (for 'restore --to ID'), time, user, host, what was changed
+    (old -> new) and where each file's previous bytes are kept.
+
+    \b
+    Example:
+      forgather checkpoint history checkpoints/checkpoint-10000
+    """
+    from .operations import inspect_checkpoint
+    from .writer import read_history
+
+    info = inspect_checkpoint(checkpoint_path)
+    entries = read_history(info.path)
+    if as_json:
+        _echo_json({
+            "schema": "forgather-checkpoint.history",
+            "version": JSON_SCHEMA_VERSION,
+            "checkpoint": str(info.path.resolve()),
+            "entries": [_history_json(entry) for entry in entries],
+        })
+        return
+    if not entries:
+        click.echo(f"No edits recorded for {info.path}.")
+        return
+    for entry in entries:
+        record = dict(entry.record)
+        what = record.get("text") or f"{entry.action} {record.get('component', '')}".strip()
+        click.echo(f"{entry.id}  {entry.time}  {entry.user}@{entry.host}  {what}")
+        for change in record.get("changes", []) or []:
+            if "key" in change:
+                where = f" group {change['group']}" if change.get("group") is not None else ""
+                click.echo(f"    {change.get('file')}{where}: {change['key']}: "
+                           f"{change.get('old')!r} -> {change.get('new')!r}")
+        for file in entry.files:
+            kept = f" (previous bytes: {file.backup})" if file.backup else ""
+            click.echo(f"    file {file.path}{kept}")
+
+
+def _history_json(entry: Any) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "time": entry.time,
+        "user": entry.user,
+        "host": entry.host,
+        "pid": entry.pid,
+        "action": entry.action,
+        "record": dict(entry.record),
+        "files": [
+            {"path": f.path, "backup": f.backup, "backup_method": f.backup_method,
+             "old": dict(f.old) if f.old is not None else None, "new": dict(f.new)}
+            for f in entry.files
+        ],
+    }
+
+
+@checkpoint.command()
+@CHECKPOINT_ARG
+@click.option("--to", "to", metavar="ID", default=None,
+              help="Put files back to their state right after history entry ID.")
+@click.option("--original", is_flag=True,
+              help="Put every edited file back to its bytes before the first edit.")
+@click.option("--dry-run", is_flag=True, help="Show what would be restored; write nothing.")
+@click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+@WAIT_OPT
+@JSON_OPT
+def restore(checkpoint_path: Path, to: str | None, original: bool, dry_run: bool, force: bool,
+            wait: float, as_json: bool) -> None:
+    """Undo edits: put files back from their backups, as one transaction.
+
+    Without --to or --original, undoes the last entry of 'history'. The restore is itself
+    recorded in the history (so it can be undone too); backups are never deleted.
+
+    \b
+    Examples:
+      forgather checkpoint restore checkpoints/checkpoint-10000 --dry-run
+      forgather checkpoint restore checkpoints/checkpoint-10000 --original --force
+    """
+    from .errors import AbortedError, ConfirmationRequiredError
+    from .operations import inspect_checkpoint
+    from .writer import plan_restore
+    from .writer import restore as restore_files
+
+    if to and original:
+        raise click.UsageError("give either --to ID or --original, not both")
+    info = inspect_checkpoint(checkpoint_path)
+    plan = plan_restore(info.path, to=to, original=original)
+    items = [{"file": str(i.target), "from": str(i.source), "entry": i.entry_id}
+             for i in plan.items]
+    if not as_json:
+        click.echo(f"Restore {info.path} to {plan.description}:")
+        for item in plan.items:
+            click.echo(f"  {item.target.name} <- {item.source}")
+    if dry_run:
+        if as_json:
+            _echo_json({"schema": "forgather-checkpoint.restore", "version": JSON_SCHEMA_VERSION,
+                        "checkpoint": str(info.path.resolve()), "dry_run": True,
+                        "applied": False, "items": items, "commit_id": None})
+        else:
+            click.echo("Dry run: nothing was written.")
+        return
+    if not force:
+        if not sys.stdin.isatty():
+            raise ConfirmationRequiredError(
+                "refusing to restore without confirmation: there is no terminal to ask; "
+                "pass --force")
+        if not click.confirm(f"Restore {len(plan.items)} file(s)?", default=False, err=True):
+            raise AbortedError("aborted at the prompt; nothing was changed")
+    result = restore_files(info.path, plan, wait=wait)
+    if as_json:
+        _echo_json({"schema": "forgather-checkpoint.restore", "version": JSON_SCHEMA_VERSION,
+                    "checkpoint": str(info.path.resolve()), "dry_run": False, "applied": True,
+                    "items": items, "commit_id": result.commit_id})
+        return
+    click.echo(f"Restored {len(plan.items)} file(s) (history entry {result.commit_id}).")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -223,8 +223,8 @@ def discover_components(path: Path) -> CheckpointInfo:
     backups: list[Path] = []
     for entry in sorted(path.iterdir()):
         name = entry.name
-        if name in (TOOL_DIR_NAME, MANIFEST_NAME):
-            continue
+        if name == MANIFEST_NAME or name.startswith(TOOL_DIR_NAME):
+            continue  # the manifest is reported apart; the tool's own state is not checkpoint data
         if is_temp_file(name):
             temps.append(entry)
             continue

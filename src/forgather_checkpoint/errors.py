@@ -60,6 +60,10 @@ class CommitError(CheckpointToolError):
     """Committing the edited files failed; every original file is still in place."""
 
 
+class StaleReadError(CommitError):
+    """A file changed between reading it and committing (another edit finished first)."""
+
+
 class LockedError(CheckpointToolError):
     """Another process holds the checkpoint's edit lock."""
 

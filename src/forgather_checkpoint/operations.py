@@ -11,8 +11,9 @@ import getpass
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from . import __version__
 from .discovery import CheckpointInfo, Component, discover_components, read_manifest
 from .editor import EditPlan, EditSpec, FilePlan, plan_edits
-from .errors import ManifestError
+from .errors import LockedError, ManifestError, StaleReadError
 from .listing import ComponentListing, list_documents, to_json_value
 from .stateformat import StateDocument, read_state_file, verify_state_file, write_state_file
 
@@ -44,12 +45,48 @@ def read_component(
     return documents
 
 
+def _identity(component: Component) -> list[tuple[int, int, int]]:
+    stats = [os.stat(f.path) for f in component.files]
+    return [(s.st_ino, s.st_size, s.st_mtime_ns) for s in stats]
+
+
+def read_consistent(
+    path: Path, component: str, progress: Progress | None = None, *, wait: float = 10.0
+) -> tuple[CheckpointInfo, Component, list[StateDocument]]:
+    """Read every file of ``component`` as one consistent snapshot, without taking the lock.
+
+    A commit replaces files only while its journal exists, so a read that saw no journal
+    before and after, and the same inodes before and after, saw no half-committed state.
+    A commit interrupted by a crash is finished or undone first (``recover``).
+    """
+    from .writer import pending_commit, recover
+
+    deadline = time.monotonic() + wait
+    while True:
+        pending = pending_commit(Path(path)) if Path(path).is_dir() else None
+        if pending is not None and not pending.in_progress:
+            recover(Path(path), wait=max(0.0, deadline - time.monotonic()))
+            continue
+        if pending is None:
+            info = inspect_checkpoint(path)
+            chosen = info.complete_component(component)
+            before = _identity(chosen)
+            documents = read_component(info, chosen, progress)
+            if pending_commit(info.path) is None and _identity(chosen) == before:
+                return info, chosen, documents
+        if time.monotonic() >= deadline:
+            holder = pending.holder if pending is not None else None
+            who = f" by pid {holder.pid}" if holder is not None else ""
+            raise LockedError(
+                f"{path} is being modified{who}; try again when that edit has finished"
+            )
+        time.sleep(0.05)
+
+
 def list_component(path: Path, component: str, progress: Progress | None = None
                    ) -> tuple[CheckpointInfo, Component, ComponentListing]:
     """What ``forgather checkpoint list`` shows: every file's values, merged."""
-    info = inspect_checkpoint(path)
-    chosen = info.complete_component(component)
-    documents = read_component(info, chosen, progress)
+    info, chosen, documents = read_consistent(path, component, progress)
     return info, chosen, list_documents(component, documents)
 
 
@@ -61,6 +98,7 @@ class ModifyPlan:
     component: Component
     edit_plan: EditPlan
     warnings: tuple[str, ...]
+    identities: Mapping[Path, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def has_changes(self) -> bool:
@@ -75,16 +113,16 @@ def prepare_modify(
     progress: Progress | None = None,
 ) -> ModifyPlan:
     """Read every file of ``component`` and plan ``specs``; raises before any write."""
-    info = inspect_checkpoint(path)
+    info, chosen, documents = read_consistent(path, component, progress)
     if info.manifest_error is not None:
         raise ManifestError(
             f"{info.manifest_error}; refusing to modify a checkpoint whose manifest Forgather "
             "cannot load (fix or restore checkpoint_manifest.json first)"
         )
-    chosen = info.complete_component(component)
-    documents = read_component(info, chosen, progress)
+    identities = dict(zip((f.path for f in chosen.files), _identity(chosen)))
     edit_plan = plan_edits(component, documents, specs, param_group)
-    return ModifyPlan(info, chosen, edit_plan, tuple(_lr_warnings(info, component, edit_plan)))
+    return ModifyPlan(info, chosen, edit_plan, tuple(_lr_warnings(info, component, edit_plan)),
+                      identities)
 
 
 def _lr_warnings(info: CheckpointInfo, component: str, plan: EditPlan) -> list[str]:
@@ -146,7 +184,7 @@ def apply_modify(
     writes = [
         StagedWrite(
             target=file_plan.document.path,
-            render=_renderer(file_plan),
+            render=_renderer(file_plan, plan.identities.get(file_plan.document.path)),
             validate=_validator(file_plan),
         )
         for file_plan in plan.edit_plan.changed_files
@@ -162,8 +200,17 @@ def apply_modify(
                              progress=progress)
 
 
-def _renderer(file_plan: FilePlan) -> Callable[[Path, Mapping[Path, Path]], None]:
+def _renderer(file_plan: FilePlan, identity: tuple[int, int, int] | None
+              ) -> Callable[[Path, Mapping[Path, Path]], None]:
     def render(temp: Path, staged: Mapping[Path, Path]) -> None:
+        # Called under the lock: refuse to overwrite an edit that landed after we read.
+        current = os.stat(file_plan.document.path)
+        if identity is not None and (current.st_ino, current.st_size,
+                                     current.st_mtime_ns) != identity:
+            raise StaleReadError(
+                f"{file_plan.document.path.name} changed since it was read (another edit "
+                "finished first); nothing was changed, run the command again"
+            )
         write_state_file(file_plan.document, file_plan.new_root, temp)
 
     return render
