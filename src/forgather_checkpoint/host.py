@@ -96,7 +96,6 @@ class ForgatherGroup(click.Group):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("context_settings", {"help_option_names": list(_HELP_OPTIONS)})
         super().__init__(*args, **kwargs)
-        self._loaded: dict[str, click.Command] = {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(self.commands) | set(_plugin_entry_points()))
@@ -104,14 +103,12 @@ class ForgatherGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
             return self.commands[cmd_name]
-        if cmd_name in self._loaded:
-            return self._loaded[cmd_name]
         entry_point = _plugin_entry_points().get(cmd_name)
         if entry_point is None:
             return None
-        command = self._load_plugin(cmd_name, entry_point)
-        self._loaded[cmd_name] = command
-        return command
+        # Not cached: after the first load the module is in sys.modules, so loading again is
+        # cheap, and the metadata stays the single source of truth.
+        return self._load_plugin(cmd_name, entry_point)
 
     @staticmethod
     def _load_plugin(name: str, entry_point: importlib.metadata.EntryPoint) -> click.Command:
