@@ -454,16 +454,17 @@ def _show_plan(plan: Any, verbose: bool) -> None:
     click.echo("Planned changes:")
     for file_plan in plan.edit_plan.files:
         click.echo(f"  {file_plan.document.path.name}")
-        location = None
+        by_location: dict[str, list[Any]] = {}
         for change in file_plan.changes:
-            if change.location != location:
-                location = change.location
-                if location:
-                    click.echo(f"    {location}:")
+            by_location.setdefault(change.location, []).append(change)
+        for location, changes in by_location.items():
+            if location:
+                click.echo(f"    {location}:")
             indent = "      " if location else "    "
-            note = "" if change.changed else "  (unchanged)"
-            click.echo(f"{indent}{change.key}: {format_value(change.old)} -> "
-                       f"{format_value(change.new)}{note}")
+            for change in changes:
+                note = "" if change.changed else "  (unchanged)"
+                click.echo(f"{indent}{change.key}: {format_value(change.old)} -> "
+                           f"{format_value(change.new)}{note}")
 
 
 def _result_lines(result: Any) -> list[str]:
