@@ -46,6 +46,7 @@ from . import errors
 
 LOCK_NOTE_NAME = ".forgather_checkpoint.lock"
 _POLL_SECONDS = 0.05
+_NOTE_GRACE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,13 @@ def acquire_lock(checkpoint_dir: Path, *, wait: float = 0.0) -> CheckpointLock:
 
 
 def _locked_error(checkpoint_dir: Path, wait: float) -> errors.LockedError:
+    # The holder writes its note just after taking the lock; a note naming a dead process is
+    # a crashed holder's, about to be overwritten. Give the new holder a moment to sign in.
+    deadline = time.monotonic() + _NOTE_GRACE_SECONDS
     holder = read_lock_holder(checkpoint_dir)
+    while (holder is None or holder.alive is False) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        holder = read_lock_holder(checkpoint_dir)
     who = holder.describe() if holder else "another process (it has not identified itself yet)"
     waited = f" after waiting {wait:g}s" if wait > 0 else ""
     return errors.LockedError(
