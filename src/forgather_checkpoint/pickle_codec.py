@@ -139,7 +139,8 @@ class _DistinctStr(str):
 
 _ORDERED_DICT = GlobalRef("collections", "OrderedDict")
 _CODECS_ENCODE = GlobalRef("_codecs", "encode")
-_BUILTINS_BYTES = GlobalRef("builtins", "bytes")
+# At protocols < 3 CPython writes Python 2 module names (fix_imports): builtins -> __builtin__.
+_BUILTINS_BYTES = GlobalRef("__builtin__", "bytes")
 _BUILTINS_SET = GlobalRef("builtins", "set")
 _LATIN1 = "latin1"  # one shared object, like the constant in CPython's save_bytes
 
@@ -300,7 +301,7 @@ class _Decoder:
                 return args[0].encode("latin1")
             except UnicodeEncodeError:
                 pass
-        if func == _BUILTINS_BYTES and args == ():
+        if func in (_BUILTINS_BYTES, GlobalRef("builtins", "bytes")) and args == ():
             return b""
         return Reduced(func, args)
 
