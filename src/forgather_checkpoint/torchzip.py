@@ -438,8 +438,6 @@ def _build_pickle_record(old: ZipRecord, src_fd: int, new_pickle: bytes,
                          alignment: int) -> bytes:
     """Local header + data (+ descriptor) for the new data.pkl, padded so that its total
     length is congruent to the old record's span modulo ``alignment``."""
-    if len(new_pickle) >= ZIP64_LIMIT:
-        raise UnsupportedArchiveError("a data.pkl of 4 GiB or more is not supported")
     header = _pread_exact(src_fd, _LOCAL.size, old.header_offset, "local header")
     (_, needed, flags, _, mtime, mdate, _, _, _, name_len, extra_len) = _LOCAL.unpack(header)
     old_extra = _pread_exact(src_fd, extra_len, old.header_offset + _LOCAL.size + name_len,
@@ -447,15 +445,22 @@ def _build_pickle_record(old: ZipRecord, src_fd: int, new_pickle: bytes,
     kept = [(t, b) for t, b in _parse_extra(old_extra) if t not in (_ZIP64_TAG, _PADDING_TAG)]
     crc = zlib.crc32(new_pickle)
     size = len(new_pickle)
+    zip64 = size >= ZIP64_LIMIT
     uses_descriptor = bool(flags & _FLAG_DESCRIPTOR)
     descriptor = b""
     if uses_descriptor:
-        # Keep the old descriptor's shape (signature or not); data.pkl never needs zip64.
+        # Keep the old descriptor's shape (with or without signature); sizes are 8 bytes each
+        # when the record is zip64. The local header then carries zeros.
         signed = os.pread(src_fd, 4, old.data_offset + old.compressed_size) == _DESCRIPTOR_SIG
-        descriptor = (_DESCRIPTOR_SIG if signed else b"") + struct.pack("<III", crc, size, size)
-        header_crc, header_size = 0, 0
+        sizes = struct.pack("<QQ", size, size) if zip64 else struct.pack("<II", size, size)
+        descriptor = (_DESCRIPTOR_SIG if signed else b"") + struct.pack("<I", crc) + sizes
+        header_crc, header_size, z64_sizes = 0, 0, (0, 0)
     else:
-        header_crc, header_size = crc, size
+        header_crc, header_size, z64_sizes = crc, size, (size, size)
+    if zip64:
+        kept.insert(0, (_ZIP64_TAG, struct.pack("<QQ", *z64_sizes)))
+        header_size = 0xFFFFFFFF
+        needed = max(needed, 45)
     base = _LOCAL.size + len(old.raw_name) + len(_join_extra(kept)) + size + len(descriptor)
     old_span = old.span_end - old.header_offset
     pad = (old_span - base) % alignment
