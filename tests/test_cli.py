@@ -224,7 +224,9 @@ def test_modify_symlinked_file_is_edited_at_its_target(example_checkpoint: Path,
     assert load(real)["param_groups"][0]["lr"] == 0.3
 
 
-def test_modify_without_manifest_keeps_directory_mtime(make_checkpoint: Callable[..., Path]) -> None:
+def test_modify_without_manifest_keeps_directory_mtime(
+    make_checkpoint: Callable[..., Path],
+) -> None:
     path = make_checkpoint(manifest=False)
     os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
     result = run("modify", path, "-c", "optimizer", "--set", "lr=0.1", "--force", "--no-backup")

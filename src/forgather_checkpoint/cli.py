@@ -11,6 +11,7 @@ render ``forgather --help``. Services are imported inside the commands.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -421,12 +422,19 @@ def modify(
     if as_json:
         _echo_json(_modify_json(plan, dry_run=False, result=result))
         return
-    if not quiet:
-        click.echo("")
-        files = len(plan.edit_plan.changed_files)
-        click.echo(f"Modified {files} file(s) of {plan.component.key} in {plan.info.path}.")
-        for line in _result_lines(result):
-            click.echo(line)
+    _report_commit(plan, result, quiet)
+
+
+def _report_commit(plan: Any, result: Any, quiet: bool) -> None:
+    if quiet:
+        return
+    click.echo("")
+    files = len(plan.changed_files)
+    keys = ", ".join(part.component.key for part in plan.parts)
+    click.echo(f"Modified {files} file(s) of {keys} in {plan.info.path} "
+               f"(history entry {getattr(result, 'commit_id', '?')}).")
+    for line in _result_lines(result):
+        click.echo(line)
 
 
 def _confirm(plan: Any) -> None:
@@ -437,8 +445,8 @@ def _confirm(plan: Any) -> None:
             "refusing to modify without confirmation: there is no terminal to ask; "
             "review the plan with --dry-run, then pass --force"
         )
-    changes = sum(1 for c in plan.edit_plan.changes if c.changed)
-    files = len(plan.edit_plan.changed_files)
+    changes = plan.change_count
+    files = len(plan.changed_files)
     if not click.confirm(f"Apply {changes} change(s) to {files} file(s)?", default=False,
                          err=True):
         raise AbortedError("aborted at the prompt; nothing was changed")
@@ -448,23 +456,28 @@ def _show_plan(plan: Any, verbose: bool) -> None:
     from .listing import format_value
 
     click.echo(f"Checkpoint: {plan.info.path}")
-    click.echo(f"Component: {plan.component.key} ({plan.component.sharing_pattern}, "
-               f"{len(plan.component.files)} file(s))")
+    for part in plan.parts:
+        component = part.component
+        click.echo(f"Component: {component.key} ({component.sharing_pattern}, "
+                   f"{len(component.files)} file(s))")
     click.echo("")
     click.echo("Planned changes:")
-    for file_plan in plan.edit_plan.files:
-        click.echo(f"  {file_plan.document.path.name}")
-        by_location: dict[str, list[Any]] = {}
-        for change in file_plan.changes:
-            by_location.setdefault(change.location, []).append(change)
-        for location, changes in by_location.items():
-            if location:
-                click.echo(f"    {location}:")
-            indent = "      " if location else "    "
-            for change in changes:
-                note = "" if change.changed else "  (unchanged)"
-                click.echo(f"{indent}{change.key}: {format_value(change.old)} -> "
-                           f"{format_value(change.new)}{note}")
+    for part in plan.parts:
+        for file_plan in part.edit_plan.files:
+            click.echo(f"  {file_plan.document.path.name}")
+            by_location: dict[str, list[Any]] = {}
+            for change in file_plan.changes:
+                by_location.setdefault(change.location, []).append(change)
+            if not by_location:
+                click.echo("    (nothing to change)")
+            for location, changes in by_location.items():
+                if location:
+                    click.echo(f"    {location}:")
+                indent = "      " if location else "    "
+                for change in changes:
+                    note = "" if change.changed else "  (unchanged)"
+                    click.echo(f"{indent}{change.key}: {format_value(change.old)} -> "
+                               f"{format_value(change.new)}{note}")
 
 
 def _result_lines(result: Any) -> list[str]:
@@ -484,10 +497,11 @@ def _modify_json(plan: Any, *, dry_run: bool, result: Any) -> dict[str, Any]:
     for backup in (getattr(result, "backups", None) or ()) if result is not None else ():
         backups.append(str(getattr(backup, "path", backup)))
     return {
-        "schema": "forgather-checkpoint.modify",
+        "schema": f"forgather-checkpoint.{plan.command}",
         "version": JSON_SCHEMA_VERSION,
         "checkpoint": str(plan.info.path.resolve()),
         "component": plan.component.key,
+        "components": [part.component.key for part in plan.parts],
         "dry_run": dry_run,
         "applied": result is not None,
         "commit_id": getattr(result, "commit_id", None),
@@ -503,10 +517,94 @@ def _modify_json(plan: Any, *, dry_run: bool, result: Any) -> dict[str, Any]:
                     for c in fp.changes
                 ],
             }
-            for fp in plan.edit_plan.files
+            for part in plan.parts
+            for fp in part.edit_plan.files
         ],
         "backups": backups,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# lr
+
+
+def _finite_number(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from .editor import parse_literal
+
+    try:
+        number = parse_literal(value)
+    except EditSpecError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise click.BadParameter(f"{value!r} is not a number", ctx=ctx, param=param)
+    if not math.isfinite(number) or (param.name == "set_value" and number <= 0):
+        raise click.BadParameter(f"{value!r} must be a finite positive number", ctx=ctx,
+                                 param=param)
+    if param.name == "scale" and number < 0:
+        raise click.BadParameter(f"{value!r} must not be negative", ctx=ctx, param=param)
+    return float(number)
+
+
+@checkpoint.command(name="lr")
+@CHECKPOINT_ARG
+@click.option("--set", "set_value", metavar="VALUE", callback=_finite_number,
+              help="New base learning rate for each targeted group.")
+@click.option("--scale", "scale", metavar="FACTOR", callback=_finite_number,
+              help="Multiply every learning-rate field of each targeted group by FACTOR.")
+@click.option("--param-group", type=click.IntRange(min=0), default=None, metavar="INDEX",
+              help="Change only this param group (default: all groups).")
+@click.option("--dry-run", is_flag=True, help="Show every field that would change; write nothing.")
+@click.option("--no-backup", is_flag=True, help="Do not keep backups of the originals.")
+@click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+@WAIT_OPT
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@JSON_OPT
+def lr_command(checkpoint_path: Path, set_value: float | None, scale: float | None,
+               param_group: int | None, dry_run: bool, no_backup: bool, force: bool,
+               wait: float, quiet: bool, as_json: bool) -> None:
+    """Change the learning rate for the rest of training (optimizer and scheduler together).
+
+    Schedulers recompute each group's lr from their base_lrs on every step, so editing only
+    the optimizer's lr lasts one step. This command changes, as one transaction, everything
+    that decides the learning rate from the next step on: each group's lr and initial_lr (and
+    max_lr/min_lr where present), the scheduler's base_lrs and _last_lr (nested
+    _schedulers too) and absolute floors/peaks such as eta_min, so training continues exactly
+    as a run that had used the new learning rate from the start. --scale F multiplies them all
+    by F; --set V is --scale V/base for each group, base being the group's initial_lr (else
+    the scheduler's base_lrs, else lr), so peaks and floors move in proportion.
+
+    \b
+    Examples:
+      forgather checkpoint lr checkpoints/checkpoint-10000 --scale 0.5 --dry-run
+      forgather checkpoint lr checkpoints/checkpoint-10000 --set 3e-4 --force
+    """
+    from .operations import apply_modify, prepare_lr_change
+
+    if (set_value is None) == (scale is None):
+        raise click.UsageError("give exactly one of --set VALUE or --scale FACTOR")
+    plan = prepare_lr_change(checkpoint_path, set_value=set_value, scale=scale,
+                             param_group=param_group)
+    for warning in plan.warnings:
+        if not quiet:
+            _warn(warning)
+    if not as_json and not quiet:
+        _show_plan(plan, verbose=False)
+    if dry_run or not plan.has_changes:
+        if as_json:
+            _echo_json(_modify_json(plan, dry_run=dry_run, result=None))
+        elif not quiet:
+            click.echo("")
+            click.echo("Dry run: nothing was written." if dry_run else "Nothing to change.")
+        return
+    if not force:
+        _confirm(plan)
+    result = apply_modify(plan, backup=not no_backup, wait=wait)
+    if as_json:
+        _echo_json(_modify_json(plan, dry_run=False, result=result))
+        return
+    _report_commit(plan, result, quiet)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,18 +91,50 @@ def list_component(path: Path, component: str, progress: Progress | None = None
 
 
 @dataclass(frozen=True)
-class ModifyPlan:
-    """Everything a modify will do, computed without touching the disk."""
+class ComponentEdit:
+    """The planned edit of one component."""
 
-    info: CheckpointInfo
     component: Component
     edit_plan: EditPlan
+
+
+@dataclass(frozen=True)
+class ModifyPlan:
+    """Everything a modify (or lr change) will do, computed without touching the disk."""
+
+    info: CheckpointInfo
+    parts: tuple[ComponentEdit, ...]
     warnings: tuple[str, ...]
     identities: Mapping[Path, tuple[int, int, int]] = field(default_factory=dict)
+    command: str = "modify"
+
+    @property
+    def component(self) -> Component:
+        return self.parts[0].component
+
+    @property
+    def edit_plan(self) -> EditPlan:
+        return self.parts[0].edit_plan
+
+    @property
+    def changed_files(self) -> tuple[FilePlan, ...]:
+        return tuple(fp for part in self.parts for fp in part.edit_plan.changed_files)
+
+    @property
+    def change_count(self) -> int:
+        return sum(1 for part in self.parts for c in part.edit_plan.changes if c.changed)
 
     @property
     def has_changes(self) -> bool:
-        return bool(self.edit_plan.changed_files)
+        return bool(self.changed_files)
+
+
+def _refuse_broken_manifest(info: CheckpointInfo) -> None:
+    if info.manifest_error is not None:
+        raise ManifestError(
+            f"{info.manifest_error}; refusing to modify a checkpoint whose manifest Forgather "
+            "cannot load (fix or restore checkpoint_manifest.json first)"
+        )
 
 
 def prepare_modify(
@@ -114,15 +146,42 @@ def prepare_modify(
 ) -> ModifyPlan:
     """Read every file of ``component`` and plan ``specs``; raises before any write."""
     info, chosen, documents = read_consistent(path, component, progress)
-    if info.manifest_error is not None:
-        raise ManifestError(
-            f"{info.manifest_error}; refusing to modify a checkpoint whose manifest Forgather "
-            "cannot load (fix or restore checkpoint_manifest.json first)"
-        )
+    _refuse_broken_manifest(info)
     identities = dict(zip((f.path for f in chosen.files), _identity(chosen)))
     edit_plan = plan_edits(component, documents, specs, param_group)
-    return ModifyPlan(info, chosen, edit_plan, tuple(_lr_warnings(info, component, edit_plan)),
-                      identities)
+    return ModifyPlan(info, (ComponentEdit(chosen, edit_plan),),
+                      tuple(_lr_warnings(info, component, edit_plan)), identities)
+
+
+def prepare_lr_change(
+    path: Path,
+    *,
+    set_value: float | None = None,
+    scale: float | None = None,
+    param_group: int | None = None,
+    progress: Progress | None = None,
+) -> ModifyPlan:
+    """Plan a lasting learning-rate change over the optimizer and scheduler files."""
+    from .lrchange import LrRequest, plan_lr_change
+
+    info, optimizer, optimizer_docs = read_consistent(path, "optimizer", progress)
+    _refuse_broken_manifest(info)
+    identities = dict(zip((f.path for f in optimizer.files), _identity(optimizer)))
+    scheduler = info.components.get("scheduler")
+    scheduler_docs: list[StateDocument] = []
+    if scheduler is not None:
+        scheduler = info.complete_component("scheduler")
+        identities.update(zip((f.path for f in scheduler.files), _identity(scheduler)))
+        scheduler_docs = read_component(info, scheduler, progress)
+    request = LrRequest(set_value=set_value, scale=scale, param_group=param_group)
+    optimizer_plan, scheduler_plan, warnings = plan_lr_change(optimizer_docs, scheduler_docs,
+                                                              request)
+    parts = [ComponentEdit(optimizer, optimizer_plan)]
+    if scheduler is not None and scheduler_plan is not None:
+        parts.append(ComponentEdit(scheduler, scheduler_plan))
+    else:
+        warnings.append("no scheduler in this checkpoint: only the optimizer groups change")
+    return ModifyPlan(info, tuple(parts), tuple(warnings), identities, command="lr")
 
 
 def _lr_warnings(info: CheckpointInfo, component: str, plan: EditPlan) -> list[str]:
@@ -187,12 +246,12 @@ def apply_modify(
             render=_renderer(file_plan, plan.identities.get(file_plan.document.path)),
             validate=_validator(file_plan),
         )
-        for file_plan in plan.edit_plan.changed_files
+        for file_plan in plan.changed_files
     ]
     record = {
-        "command": "modify",
-        "component": plan.component.key,
-        "changes": change_summary(plan.edit_plan),
+        "command": plan.command,
+        "component": ",".join(part.component.key for part in plan.parts),
+        "changes": [c for part in plan.parts for c in change_summary(part.edit_plan)],
     }
     if plan.info.manifest is not None:
         writes.append(_manifest_write(plan, record))
@@ -236,28 +295,13 @@ def _manifest_write(plan: ModifyPlan, record: Mapping[str, Any]) -> Any:
     from .writer import StagedWrite
 
     manifest_path = plan.info.manifest_path
-    key = plan.component.key
-    files = [f.path for f in plan.component.files]
+    now = datetime.now(timezone.utc).astimezone().isoformat()
 
     def render(temp: Path, staged: Mapping[Path, Path]) -> None:
         # Re-read rather than reuse the discovered copy: it is the bytes being replaced.
         manifest = read_manifest(manifest_path)
-        entry = manifest["components"].get(key)
-        if entry is not None:
-            entry["size_bytes"] = sum(os.stat(staged.get(p, p)).st_size for p in files)
-            entry["checksum"] = None
-            metadata = entry.get("metadata")
-            if not isinstance(metadata, dict):
-                metadata = {}
-                entry["metadata"] = metadata
-            now = datetime.now(timezone.utc).astimezone().isoformat()
-            metadata["modified_by"] = modified_by()
-            metadata["modified_at"] = now
-            history = metadata.get("modifications")
-            if not isinstance(history, list):
-                history = []
-            history.append({"at": now, "changes": list(record["changes"])})
-            metadata["modifications"] = history
+        for part in plan.parts:
+            _update_manifest_entry(manifest, part, staged, record, now)
         with open(temp, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)
             handle.write("\n")
@@ -274,3 +318,32 @@ def _manifest_write(plan: ModifyPlan, record: Mapping[str, Any]) -> Any:
             raise ValidationError("updated manifest changed the top-level timestamp")
 
     return StagedWrite(target=manifest_path, render=render, validate=validate)
+
+
+def _update_manifest_entry(manifest: dict[str, Any], part: ComponentEdit,
+                           staged: Mapping[Path, Path], record: Mapping[str, Any],
+                           now: str) -> None:
+    """Exact size, no stale checksum, and who/when/what inside the entry's metadata.
+
+    Forgather passes each component entry to a dataclass as keyword arguments, so nothing
+    new may appear beside the fixed keys: the record of the change goes into ``metadata``.
+    """
+    entry = manifest["components"].get(part.component.key)
+    if entry is None or not part.edit_plan.changed_files:
+        return
+    files = [f.path for f in part.component.files]
+    entry["size_bytes"] = sum(os.stat(staged.get(p, p)).st_size for p in files)
+    entry["checksum"] = None
+    metadata = entry.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+        entry["metadata"] = metadata
+    metadata["modified_by"] = modified_by()
+    metadata["modified_at"] = now
+    history = metadata.get("modifications")
+    if not isinstance(history, list):
+        history = []
+    names = {f.name for f in part.component.files}
+    mine = [c for c in record["changes"] if c["file"] in names]
+    history.append({"at": now, "command": record["command"], "changes": mine})
+    metadata["modifications"] = history
