@@ -324,7 +324,7 @@ def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
         pc.decode_pickle(b"\x80\x02" + data)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_real_pickles_never_crash_the_decoder(data: st.DataObject) -> None:
     original = bytearray(pickle_bytes_of(real_states()["adamw"]))
@@ -356,7 +356,7 @@ _trees = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_trees)
 def test_encoder_matches_cpython_pickler(tree: Any) -> None:
     expected = pickle.dumps(tree, protocol=2)
@@ -372,7 +372,7 @@ def test_higher_protocols_decode_to_the_same_values(tree: Any, protocol: int) ->
     assert pc.decode_pickle(pickle.dumps(tree, protocol=protocol)) == tree
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(_trees)
 def test_tree_difference_sees_equal_trees_as_equal(tree: Any) -> None:
     data = pickle.dumps(tree, protocol=2)
