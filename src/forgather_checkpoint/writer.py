@@ -1037,8 +1037,6 @@ def _commit_locked(
         jpath = _mark_complete(ckpt, jpath)
         completed = True
     except BaseException as exc:
-        if completed:
-            raise
         try:
             current = _find_journal(ckpt)
             if current is not None and current[1] == "complete":
