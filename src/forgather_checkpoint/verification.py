@@ -202,6 +202,8 @@ def _check_manifest(info: CheckpointInfo, found: _Findings) -> dict[str, Any] | 
         if isinstance(entry, dict):
             _check_manifest_entry(key, entry, found)
     if problems or not isinstance(components, dict):
+        found.note(None, MANIFEST_NAME, "the manifest is unusable, so components were found by "
+                   "file name; fix it and verify again to check its ranks and sizes")
         return None
     return data
 
@@ -255,7 +257,8 @@ def _check_component(
         try:
             doc = read_state_file(file.path)
         except StateFileError as exc:
-            found.error(key, file.name, f"does not decode: {exc}")
+            reason = str(exc).removeprefix(f"{file.path}: ")
+            found.error(key, file.name, f"does not decode: {reason}")
             continue
         docs[file.path] = doc
         for note in doc.notes:
