@@ -741,15 +741,25 @@ def _walk(root: Any) -> Iterator[Any]:
         pending.extend(children)
 
 
+def _scan(root: Any) -> tuple[set[str], list[PersistentRef]]:
+    """One pass over the tree: the globals it refers to and its persistent references."""
+    names: set[str] = set()
+    persistent: list[PersistentRef] = []
+    for node in _walk(root):
+        if isinstance(node, GlobalRef):
+            names.add(node.qualname)
+        elif isinstance(node, PersistentRef):
+            persistent.append(node)
+        elif isinstance(node, PickledOrderedDict):
+            names.add(_ORDERED_DICT.qualname)
+        elif isinstance(node, bytes):
+            names.add(_CODECS_ENCODE.qualname if node else _BUILTINS_BYTES.qualname)
+    return names, persistent
+
+
 def referenced_globals(obj: Any) -> set[str]:
     """The dotted names of every global the tree refers to (``"torch._utils.x"``)."""
-    names = {node.qualname for node in _walk(obj) if isinstance(node, GlobalRef)}
-    if any(isinstance(node, PickledOrderedDict) for node in _walk(obj)):
-        names.add(_ORDERED_DICT.qualname)
-    for node in _walk(obj):
-        if isinstance(node, bytes):
-            names.add(_CODECS_ENCODE.qualname if node else _BUILTINS_BYTES.qualname)
-    return names
+    return _scan(obj)[0]
 
 
 # The globals torch.load(weights_only=True) resolves without add_safe_globals, as listed by
@@ -826,17 +836,17 @@ def weights_only_violation(root: Any, opcodes: frozenset[str] | None = None) -> 
         unsupported = sorted(opcodes - WEIGHTS_ONLY_OPCODES)
         if unsupported:
             return f"uses pickle opcode(s) {', '.join(unsupported)}"
-    for name in sorted(referenced_globals(root)):
+    names, persistent = _scan(root)
+    for name in sorted(names):
         module, _, attr = name.rpartition(".")
         normalized = f"{_PY2_MODULES.get(module, module)}.{attr}"
         if normalized not in WEIGHTS_ONLY_ALLOWED_GLOBALS:
             return f"refers to global {name}"
-    for node in _walk(root):
-        if isinstance(node, PersistentRef):
-            pid = node.pid
-            is_storage = isinstance(pid, tuple) and len(pid) > 0 and pid[0] == "storage"
-            if not is_storage and type(pid) is not int:
-                return f"has a persistent reference that is not a storage ({pid!r:.60})"
+    for node in persistent:
+        pid = node.pid
+        is_storage = isinstance(pid, tuple) and len(pid) > 0 and pid[0] == "storage"
+        if not is_storage and type(pid) is not int:
+            return f"has a persistent reference that is not a storage ({pid!r:.60})"
     return None
 
 
