@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from forgather_checkpoint import writer
+from forgather_checkpoint.locking import LOCK_NOTE_NAME
 from tests.writer_support import (
     RANKS,
     assert_loadable,
@@ -131,35 +132,50 @@ def test_kill_during_recovery(
     assert _recover_and_check(ckpt, new, old) == expected
 
 
+def _wait_for_commit_start(ckpt: Path, proc: subprocess.Popen) -> bool:
+    """Spin until the child holds the lock (its note appears); False if it exited first."""
+    while not (ckpt / LOCK_NOTE_NAME).exists():
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 def test_kill_at_random_instants(template: tuple[Path, Path], tmp_path: Path) -> None:
-    """SIGKILL after a random delay spanning the whole commit (startup, render, replace)."""
+    """SIGKILL at a random instant of the commit itself (staging ~7 MB, journal, replaces)."""
     seed = int(os.environ.get("FGC_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    # Measure one undisturbed commit to know the window to aim at.
-    ckpt, new = copy_template(template, tmp_path / "timing")
-    started = time.monotonic()
-    assert run_child(child_spec(ckpt, new)).returncode == 0
-    window = time.monotonic() - started
+    # Time two undisturbed commits, from taking the lock to exit, to know the window to aim at.
+    durations = []
+    for run in range(2):
+        ckpt, new = copy_template(template, tmp_path / f"timing-{run}")
+        proc = start_child(child_spec(ckpt, new, chunk=1 << 16))
+        assert _wait_for_commit_start(ckpt, proc)
+        started = time.monotonic()
+        proc.communicate()
+        durations.append(time.monotonic() - started)
+    window = min(durations)
     outcomes = {"old": 0, "new": 0, "finished": 0}
-    runs = 20
+    runs = 16
     for run in range(runs):
         ckpt, new = copy_template(template, tmp_path / f"run-{run}")
         old = snapshot(ckpt)
         proc = start_child(child_spec(ckpt, new, chunk=1 << 16))
-        time.sleep(rng.uniform(0.1, window * 1.05))
-        proc.send_signal(signal.SIGKILL)
+        if _wait_for_commit_start(ckpt, proc):
+            time.sleep(rng.uniform(0, window))
+            proc.send_signal(signal.SIGKILL)
         proc.communicate()
         if proc.returncode == 0:
             outcomes["finished"] += 1
             assert classify(ckpt, old, snapshot(new)) == "new"
             assert_no_leftovers(ckpt)
             continue
+        assert was_killed(proc.returncode)
         writer.recover(ckpt)
-        outcome = classify(ckpt, old, snapshot(new))
-        outcomes[outcome] += 1
+        outcomes[classify(ckpt, old, snapshot(new))] += 1
         assert_no_leftovers(ckpt)
         assert_loadable(ckpt)
-    print(f"random kills (seed {seed}): {outcomes}")
+    print(f"random kills (seed {seed}, window {window:.3f}s): {outcomes}")
     assert sum(outcomes.values()) == runs
 
 
