@@ -10,10 +10,13 @@ render ``forgather --help``. Services are imported inside the commands.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,14 @@ CHECKPOINT_ARG = click.argument(
     "checkpoint_path", metavar="CHECKPOINT",
     type=click.Path(path_type=Path, exists=False, file_okay=True, dir_okay=True),
 )
+CHECKPOINTS_ARG = click.argument(
+    "checkpoint_paths", metavar="CHECKPOINT...", nargs=-1, required=True,
+    type=click.Path(path_type=Path, exists=False, file_okay=True, dir_okay=True),
+)
+OPTIMIZER_OPT = click.option(
+    "--optimizer", "optimizer_index", type=click.IntRange(min=0), default=None,
+    metavar="INDEX",
+    help="Multi-optimizer checkpoints: only the optimizer with this index (default: all).")
 WAIT_OPT = click.option(
     "--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
     help="If another edit holds the checkpoint's lock, wait up to SECONDS for it.")
@@ -226,55 +237,103 @@ def _components_json(info: Any, pending: str | None) -> dict[str, Any]:
 
 
 @checkpoint.command(name="list")
-@CHECKPOINT_ARG
+@CHECKPOINTS_ARG
 @click.option("--component", "-c", default="optimizer", show_default=True,
               help="Component to inspect.")
+@OPTIMIZER_OPT
 @VERBOSE_OPT
 @JSON_OPT
-def list_command(checkpoint_path: Path, component: str, verbose: bool, as_json: bool) -> None:
+def list_command(checkpoint_paths: tuple[Path, ...], component: str,
+                 optimizer_index: int | None, verbose: bool, as_json: bool) -> None:
     """List the parameters of a component that can be modified.
 
     Optimizer: each param group's hyperparameters. Other components: every value, nested ones
     as dotted paths (e.g. _schedulers.0.base_lrs) usable as KEY in 'modify'. Tensors are
     described (dtype, shape), never printed. Every file is read; where rank files disagree,
-    each value is shown with the files that hold it.
+    each value is shown with the files that hold it. Several CHECKPOINTs (or a quoted glob)
+    are listed one after another.
 
     \b
     Examples:
       forgather checkpoint list checkpoints/checkpoint-10000
       forgather checkpoint list checkpoints/checkpoint-10000 --component scheduler -v
+      forgather checkpoint list 'checkpoints/checkpoint-*' --json
     """
-    from .listing import format_value, to_json_value, type_name
     from .operations import list_component
 
-    info, chosen, listing = list_component(checkpoint_path, component,
-                                           _progress(verbose, quiet=as_json))
+    paths = _expand_checkpoints(checkpoint_paths)
+    single = len(paths) == 1
+    outcomes: list[dict[str, Any]] = []
+    for index, path in enumerate(paths):
+        try:
+            info, chosen, listing = list_component(path, component,
+                                                   _progress(verbose, quiet=as_json))
+            if optimizer_index is not None:
+                listing = _only_optimizer(listing, optimizer_index, path)
+        except CheckpointToolError as exc:
+            if single:
+                raise
+            outcomes.append({"checkpoint": str(path), "status": "failed", "error": str(exc)})
+            if not as_json:
+                click.echo(f"Error: {path}: {exc}", err=True)
+            continue
+        outcomes.append(_listing_json(info, chosen, listing))
+        if not as_json:
+            if not single:
+                click.echo(("" if index == 0 else "\n") + f"== {info.path} ==")
+            _show_listing(chosen, listing, verbose)
     if as_json:
-        _echo_json({
-            "schema": "forgather-checkpoint.list",
-            "version": JSON_SCHEMA_VERSION,
-            "checkpoint": str(info.path.resolve()),
-            "component": chosen.key,
-            "sharing_pattern": chosen.sharing_pattern,
-            "files": list(listing.files),
-            "consistent": listing.consistent,
-            "entries": [
-                {
-                    "optimizer": entry.optimizer,
-                    "group": entry.group,
-                    "key": entry.key,
-                    "consistent": entry.consistent,
-                    "values": [
-                        {"value": to_json_value(v.value), "repr": format_value(v.value),
-                         "type": type_name(v.value), "files": list(v.files)}
-                        for v in entry.variants
-                    ],
-                    "absent_from": list(entry.absent_from),
-                }
-                for entry in listing.entries
-            ],
-        })
-        return
+        _echo_json(outcomes[0] if single else _batch_json("list", outcomes))
+    if any(o.get("status") == "failed" for o in outcomes):
+        raise SystemExit(1)
+
+
+def _only_optimizer(listing: Any, index: int, path: Path) -> Any:
+    from dataclasses import replace
+
+    if all(entry.optimizer is None for entry in listing.entries):
+        raise UsageProblem(f"--optimizer applies to multi-optimizer checkpoints; {path} holds "
+                           "a single optimizer")
+    entries = tuple(e for e in listing.entries if e.optimizer in (index, None)
+                    and not (e.optimizer is None and e.group is not None))
+    if not any(e.optimizer == index for e in entries):
+        raise CheckpointToolError(f"optimizer {index} does not exist in {path}")
+    return replace(listing, entries=entries)
+
+
+def _listing_json(info: Any, chosen: Any, listing: Any) -> dict[str, Any]:
+    from .listing import format_value, to_json_value, type_name
+
+    return {
+        "schema": "forgather-checkpoint.list",
+        "version": JSON_SCHEMA_VERSION,
+        "status": "done",
+        "checkpoint": str(info.path.resolve()),
+        "component": chosen.key,
+        "sharing_pattern": chosen.sharing_pattern,
+        "files": list(listing.files),
+        "consistent": listing.consistent,
+        "entries": [
+            {
+                "optimizer": entry.optimizer,
+                "group": entry.group,
+                "key": entry.key,
+                "consistent": entry.consistent,
+                "values": [
+                    {"value": to_json_value(v.value), "repr": format_value(v.value),
+                     "type": type_name(v.value), "files": list(v.files)}
+                    for v in entry.variants
+                ],
+                "absent_from": list(entry.absent_from),
+            }
+            for entry in listing.entries
+        ],
+    }
+
+
+def _show_listing(chosen: Any, listing: Any, verbose: bool) -> None:
+    from .listing import format_value, type_name
+
     click.echo(f"Component: {chosen.key}")
     click.echo(f"Files: {', '.join(listing.files)}")
     if verbose:
@@ -330,7 +389,7 @@ def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence
 
 
 @checkpoint.command()
-@CHECKPOINT_ARG
+@CHECKPOINTS_ARG
 @click.option("--component", "-c", required=True,
               help="Component to modify (e.g. optimizer, scheduler; see 'components').")
 @click.option("--set", "set_specs", multiple=True, metavar="KEY=VALUE",
@@ -341,6 +400,7 @@ def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence
               help="Multiply a number (or each number of a list, e.g. base_lrs) by FACTOR.")
 @click.option("--param-group", type=click.IntRange(min=0), default=None, metavar="INDEX",
               help="Optimizer only: edit just this param group (default: all groups).")
+@OPTIMIZER_OPT
 @click.option("--dry-run", is_flag=True, help="Show the planned changes; write nothing.")
 @click.option("--no-backup", is_flag=True,
               help="Do not keep a backup of the originals (the commit is still atomic).")
@@ -350,11 +410,12 @@ def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @JSON_OPT
 def modify(
-    checkpoint_path: Path,
+    checkpoint_paths: tuple[Path, ...],
     component: str,
     set_specs: tuple[Any, ...],
     scale_specs: tuple[Any, ...],
     param_group: int | None,
+    optimizer_index: int | None,
     dry_run: bool,
     no_backup: bool,
     force: bool,
@@ -382,7 +443,7 @@ def modify(
       forgather checkpoint modify ckpt/ -c optimizer --scale lr=0.5 --param-group 0 --dry-run
       forgather checkpoint modify ckpt/ -c scheduler --set last_epoch=5000 --force
     """
-    from .operations import apply_modify, prepare_modify
+    from .operations import prepare_modify
 
     if verbose and quiet:
         raise click.UsageError("--verbose and --quiet cannot be combined")
@@ -392,37 +453,167 @@ def modify(
             "give at least one modification: --set KEY=VALUE or --scale KEY=FACTOR"
         )
     progress = _progress(verbose, quiet or as_json)
-    plan = prepare_modify(checkpoint_path, component, specs, param_group, progress)
-    for warning in plan.warnings:
-        if not quiet:
-            _warn(warning)
 
-    if not as_json and not quiet:
-        _show_plan(plan, verbose)
-    if dry_run or not plan.has_changes:
-        if as_json:
-            _echo_json(_modify_json(plan, dry_run=dry_run, result=None))
-        elif not quiet:
+    def prepare(path: Path) -> Any:
+        return prepare_modify(path, component, specs, param_group, progress,
+                              optimizer_index=optimizer_index)
+
+    _edit_checkpoints("modify", _expand_checkpoints(checkpoint_paths), prepare,
+                      _EditOptions(dry_run, not no_backup, force, wait, verbose, quiet, as_json,
+                                   progress))
+
+
+@dataclass(frozen=True)
+class _EditOptions:
+    dry_run: bool
+    backup: bool
+    force: bool
+    wait: float
+    verbose: bool
+    quiet: bool
+    as_json: bool
+    progress: Callable[[str, int, int], None] | None
+
+
+def _edit_checkpoints(command: str, paths: list[Path], prepare: Callable[[Path], Any],
+                      options: _EditOptions) -> None:
+    """Plan every checkpoint, show the plans, confirm once, commit each as its own transaction.
+
+    One checkpoint: its errors are the command's errors. Several: a failure is recorded, the
+    others go on, a summary follows and the exit status is 1 if any failed.
+    """
+    from .operations import apply_modify
+
+    single = len(paths) == 1
+    outcomes: list[dict[str, Any]] = []
+    plans: list[tuple[Path, Any]] = []
+    for path in paths:
+        try:
+            plan = prepare(path)
+        except CheckpointToolError as exc:
+            if single:
+                raise
+            outcomes.append(_failure(path, exc, options))
+            continue
+        plans.append((path, plan))
+        if not options.quiet:
+            for warning in plan.warnings:
+                _warn(f"{path}: {warning}" if not single else warning)
+        if not options.as_json and not options.quiet:
+            if not single:
+                click.echo("")
+            _show_plan(plan, options.verbose)
+
+    pending = [(path, plan) for path, plan in plans if plan.has_changes]
+    if options.dry_run or not pending:
+        for _path, plan in plans:
+            status = "dry_run" if options.dry_run else "unchanged"
+            outcomes.append(_modify_json(plan, dry_run=options.dry_run, result=None,
+                                         status=status))
+        if not options.as_json and not options.quiet and plans:
             click.echo("")
-            click.echo("Dry run: nothing was written." if dry_run
+            click.echo("Dry run: nothing was written." if options.dry_run
                        else "Nothing to change: every value already has the requested value.")
+        _finish(command, paths, outcomes, options)
         return
-    if not force:
-        _confirm(plan)
+    if not options.force:
+        _confirm([plan for _, plan in pending])
+    for path, plan in plans:
+        if not plan.has_changes:
+            outcomes.append(_modify_json(plan, dry_run=False, result=None, status="unchanged"))
+            continue
+        try:
+            plan, result = _commit_with_retries(path, plan, prepare, options, apply_modify)
+        except CheckpointToolError as exc:
+            if single:
+                raise
+            outcomes.append(_failure(path, exc, options))
+            continue
+        outcomes.append(_modify_json(plan, dry_run=False, result=result, status="done"))
+        if not options.as_json:
+            _report_commit(plan, result, options.quiet)
+    _finish(command, paths, outcomes, options)
+
+
+def _commit_with_retries(path: Path, plan: Any, prepare: Callable[[Path], Any],
+                         options: _EditOptions, apply: Callable[..., Any]) -> tuple[Any, Any]:
     for attempt in range(_STALE_RETRIES):
         try:
-            result = apply_modify(plan, backup=not no_backup, wait=wait, progress=progress)
-            break
+            return plan, apply(plan, backup=options.backup, wait=options.wait,
+                               progress=options.progress)
         except StaleReadError:
             # Another editor committed between our read and our commit. With --force the
             # user asked for these edits whatever the current values: plan them again.
-            if not force or attempt == _STALE_RETRIES - 1:
+            if not options.force or attempt == _STALE_RETRIES - 1:
                 raise
-            plan = prepare_modify(checkpoint_path, component, specs, param_group, progress)
-    if as_json:
-        _echo_json(_modify_json(plan, dry_run=False, result=result))
-        return
-    _report_commit(plan, result, quiet)
+            plan = prepare(path)
+    raise AssertionError("unreachable")
+
+
+def _failure(path: Path, exc: CheckpointToolError, options: _EditOptions) -> dict[str, Any]:
+    if not options.as_json:
+        click.echo(f"Error: {path}: {exc}", err=True)
+    return {"checkpoint": str(path), "status": "failed", "error": str(exc)}
+
+
+def _finish(command: str, paths: list[Path], outcomes: list[dict[str, Any]],
+            options: _EditOptions) -> None:
+    failed = sum(1 for o in outcomes if o.get("status") == "failed")
+    if options.as_json:
+        if len(paths) == 1:
+            _echo_json(outcomes[0])
+        else:
+            _echo_json(_batch_json(command, outcomes))
+    elif len(paths) > 1 and not options.quiet:
+        counts = _batch_counts(outcomes)
+        click.echo("")
+        click.echo(f"Summary: {counts['done']} done, {counts['skipped']} skipped, "
+                   f"{counts['failed']} failed ({len(paths)} checkpoints)")
+    if failed:
+        raise SystemExit(1)
+
+
+def _batch_counts(outcomes: list[dict[str, Any]]) -> dict[str, int]:
+    done = sum(1 for o in outcomes if o.get("status") == "done")
+    failed = sum(1 for o in outcomes if o.get("status") == "failed")
+    return {"done": done, "failed": failed, "skipped": len(outcomes) - done - failed}
+
+
+def _batch_json(command: str, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schema": "forgather-checkpoint.batch",
+        "version": JSON_SCHEMA_VERSION,
+        "command": command,
+        "results": outcomes,
+        "summary": _batch_counts(outcomes),
+    }
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def _expand_checkpoints(values: Sequence[Path]) -> list[Path]:
+    """CHECKPOINT arguments, with quoted shell globs expanded (checkpoint-100 after -99)."""
+    paths: list[Path] = []
+    for value in values:
+        text = str(value)
+        if not Path(text).exists() and _GLOB_CHARS & set(text):
+            matches = sorted((Path(m) for m in glob.glob(text)), key=_natural_key)
+            if not matches:
+                raise click.BadParameter(f"no checkpoint matches {text!r}",
+                                         param_hint="CHECKPOINT")
+            paths.extend(matches)
+        else:
+            paths.append(Path(text))
+    unique: list[Path] = []
+    for path in paths:
+        if path not in unique:
+            unique.append(path)
+    return unique
 
 
 def _report_commit(plan: Any, result: Any, quiet: bool) -> None:
@@ -437,7 +628,7 @@ def _report_commit(plan: Any, result: Any, quiet: bool) -> None:
         click.echo(line)
 
 
-def _confirm(plan: Any) -> None:
+def _confirm(plans: Sequence[Any]) -> None:
     from .errors import AbortedError, ConfirmationRequiredError
 
     if not sys.stdin.isatty():
@@ -445,9 +636,10 @@ def _confirm(plan: Any) -> None:
             "refusing to modify without confirmation: there is no terminal to ask; "
             "review the plan with --dry-run, then pass --force"
         )
-    changes = plan.change_count
-    files = len(plan.changed_files)
-    if not click.confirm(f"Apply {changes} change(s) to {files} file(s)?", default=False,
+    changes = sum(plan.change_count for plan in plans)
+    files = sum(len(plan.changed_files) for plan in plans)
+    where = f" in {len(plans)} checkpoints" if len(plans) > 1 else ""
+    if not click.confirm(f"Apply {changes} change(s) to {files} file(s){where}?", default=False,
                          err=True):
         raise AbortedError("aborted at the prompt; nothing was changed")
 
@@ -490,7 +682,7 @@ def _result_lines(result: Any) -> list[str]:
     return lines
 
 
-def _modify_json(plan: Any, *, dry_run: bool, result: Any) -> dict[str, Any]:
+def _modify_json(plan: Any, *, dry_run: bool, result: Any, status: str) -> dict[str, Any]:
     from .listing import to_json_value
 
     backups = []
@@ -502,6 +694,7 @@ def _modify_json(plan: Any, *, dry_run: bool, result: Any) -> dict[str, Any]:
         "checkpoint": str(plan.info.path.resolve()),
         "component": plan.component.key,
         "components": [part.component.key for part in plan.parts],
+        "status": status,
         "dry_run": dry_run,
         "applied": result is not None,
         "commit_id": getattr(result, "commit_id", None),
@@ -548,7 +741,7 @@ def _finite_number(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @checkpoint.command(name="lr")
-@CHECKPOINT_ARG
+@CHECKPOINTS_ARG
 @click.option("--set", "set_value", metavar="VALUE", callback=_finite_number,
               help="New base learning rate for each targeted group.")
 @click.option("--scale", "scale", metavar="FACTOR", callback=_finite_number,
@@ -561,7 +754,7 @@ def _finite_number(ctx: click.Context, param: click.Parameter, value: str | None
 @WAIT_OPT
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @JSON_OPT
-def lr_command(checkpoint_path: Path, set_value: float | None, scale: float | None,
+def lr_command(checkpoint_paths: tuple[Path, ...], set_value: float | None, scale: float | None,
                param_group: int | None, dry_run: bool, no_backup: bool, force: bool,
                wait: float, quiet: bool, as_json: bool) -> None:
     """Change the learning rate for the rest of training (optimizer and scheduler together).
@@ -580,31 +773,155 @@ def lr_command(checkpoint_path: Path, set_value: float | None, scale: float | No
       forgather checkpoint lr checkpoints/checkpoint-10000 --scale 0.5 --dry-run
       forgather checkpoint lr checkpoints/checkpoint-10000 --set 3e-4 --force
     """
-    from .operations import apply_modify, prepare_lr_change
+    from .operations import prepare_lr_change
 
     if (set_value is None) == (scale is None):
         raise click.UsageError("give exactly one of --set VALUE or --scale FACTOR")
-    plan = prepare_lr_change(checkpoint_path, set_value=set_value, scale=scale,
-                             param_group=param_group)
-    for warning in plan.warnings:
-        if not quiet:
-            _warn(warning)
-    if not as_json and not quiet:
-        _show_plan(plan, verbose=False)
-    if dry_run or not plan.has_changes:
-        if as_json:
-            _echo_json(_modify_json(plan, dry_run=dry_run, result=None))
-        elif not quiet:
-            click.echo("")
-            click.echo("Dry run: nothing was written." if dry_run else "Nothing to change.")
-        return
-    if not force:
-        _confirm(plan)
-    result = apply_modify(plan, backup=not no_backup, wait=wait)
+    progress = _progress(False, quiet or as_json)
+
+    def prepare(path: Path) -> Any:
+        return prepare_lr_change(path, set_value=set_value, scale=scale,
+                                 param_group=param_group, progress=progress)
+
+    _edit_checkpoints("lr", _expand_checkpoints(checkpoint_paths), prepare,
+                      _EditOptions(dry_run, not no_backup, force, wait, False, quiet, as_json,
+                                   progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# diff, verify
+
+
+class _ExitTwo(click.ClickException):
+    """An error for commands whose exit status 1 already means "found a difference"."""
+
+    exit_code = 2
+
+
+@checkpoint.command()
+@click.argument("checkpoint_a", metavar="A", type=click.Path(path_type=Path))
+@click.argument("checkpoint_b", metavar="[B]", required=False, type=click.Path(path_type=Path))
+@click.option("--component", "-c", default=None,
+              help="Compare only this component (default: all; required with --ranks).")
+@click.option("--ranks", is_flag=True,
+              help="Compare the rank files of one checkpoint with each other (A only).")
+@JSON_OPT
+def diff(checkpoint_a: Path, checkpoint_b: Path | None, component: str | None, ranks: bool,
+         as_json: bool) -> None:
+    """Show every non-tensor value that differs between two checkpoints.
+
+    Per file and param group, with A's and B's values; files or components on one side only
+    are reported. Tensors are compared by dtype and shape, not contents. With --ranks, the
+    rank files of one checkpoint are compared with its first rank file.
+
+    Exit status (like diff): 0 equal, 1 different, 2 error.
+
+    \b
+    Examples:
+      forgather checkpoint diff checkpoint-10000 checkpoint-10000-edited
+      forgather checkpoint diff run-a/checkpoint-500 run-b/checkpoint-500 -c scheduler --json
+      forgather checkpoint diff checkpoint-10000 --ranks --component optimizer
+    """
+    from .diffing import diff_checkpoints, diff_ranks
+
+    try:
+        if ranks:
+            if checkpoint_b is not None:
+                raise click.UsageError("--ranks compares the rank files of ONE checkpoint")
+            result = diff_ranks(checkpoint_a, component or "optimizer")
+        else:
+            if checkpoint_b is None:
+                raise click.UsageError("give two checkpoints A B (or one with --ranks)")
+            result = diff_checkpoints(checkpoint_a, checkpoint_b, component)
+    except CheckpointToolError as exc:
+        raise _ExitTwo(str(exc)) from exc
     if as_json:
-        _echo_json(_modify_json(plan, dry_run=False, result=result))
-        return
-    _report_commit(plan, result, quiet)
+        _echo_json(result.to_json())
+    else:
+        _show_diff(result)
+    if not result.equal:
+        raise SystemExit(1)
+
+
+def _show_diff(result: Any) -> None:
+    from .listing import format_value
+
+    label_a, label_b = ("first rank", "this rank") if result.mode == "ranks" else ("A", "B")
+    click.echo(f"A: {result.a}")
+    click.echo(f"B: {result.b}")
+    for item in result.only_in_a:
+        click.echo(f"only in A: {item.component}" + (f" {item.file}" if item.file else ""))
+    for item in result.only_in_b:
+        click.echo(f"only in B: {item.component}" + (f" {item.file}" if item.file else ""))
+    for difference in result.differences:
+        a = format_value(difference.a) if difference.in_a else f"(absent in {label_a})"
+        b = format_value(difference.b) if difference.in_b else f"(absent in {label_b})"
+        click.echo(f"{difference.component}: {difference.location}: {a} -> {b}")
+    if result.equal:
+        click.echo(f"No differences ({result.files_compared} file(s) compared).")
+    else:
+        count = len(result.differences) + len(result.only_in_a) + len(result.only_in_b)
+        click.echo(f"{count} difference(s) ({result.files_compared} file(s) compared).")
+
+
+@checkpoint.command()
+@CHECKPOINTS_ARG
+@JSON_OPT
+def verify(checkpoint_paths: tuple[Path, ...], as_json: bool) -> None:
+    """Check a checkpoint the way a Forgather resume will meet it.
+
+    The manifest loads under Forgather's strict rules; every component it lists has all its
+    files for its pattern and ranks; replicated files agree; every file decodes; size_bytes
+    matches (per-rank sizes are Forgather's estimate and reported as such); leftover temp
+    files, interrupted edits and missing ranks are reported. One line per problem.
+
+    Exit status: 0 no problem, 1 problems found, 2 not a checkpoint.
+
+    \b
+    Examples:
+      forgather checkpoint verify checkpoints/checkpoint-10000
+      forgather checkpoint verify 'checkpoints/checkpoint-*' --json
+    """
+    from .verification import verify_checkpoint
+
+    paths = _expand_checkpoints(checkpoint_paths)
+    reports = []
+    unreadable = 0
+    for path in paths:
+        try:
+            report = verify_checkpoint(path)
+        except CheckpointToolError as exc:
+            if len(paths) == 1:
+                raise _ExitTwo(str(exc)) from exc
+            unreadable += 1
+            reports.append({"checkpoint": str(path), "status": "failed", "error": str(exc)})
+            if not as_json:
+                click.echo(f"Error: {path}: {exc}", err=True)
+            continue
+        data = report.to_json()
+        data["status"] = "done" if report.clean else "problems"
+        reports.append(data)
+        if not as_json:
+            _show_verify(report)
+    if as_json:
+        _echo_json(reports[0] if len(paths) == 1 else _batch_json("verify", reports))
+    if unreadable:
+        raise SystemExit(2)
+    if any(r.get("status") != "done" for r in reports):
+        raise SystemExit(1)
+
+
+def _show_verify(report: Any) -> None:
+    for problem in report.problems:
+        where = ": ".join(part for part in (problem.component, problem.file) if part)
+        click.echo(f"{report.path}: {problem.severity}: {where + ': ' if where else ''}"
+                   f"{problem.message}")
+    for note in report.notes:
+        where = ": ".join(part for part in (note.component, note.file) if part)
+        click.echo(f"{report.path}: note: {where + ': ' if where else ''}{note.message}",
+                   err=True)
+    if report.clean:
+        click.echo(f"{report.path}: OK ({report.files_decoded} file(s) decoded)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,11 +203,12 @@ def param_group_sites(root: Any) -> list[GroupSite] | None:
 
 
 def _targets(
-    document: StateDocument, spec: EditSpec, param_group: int | None
+    document: StateDocument, spec: EditSpec, param_group: int | None,
+    optimizer_index: int | None = None,
 ) -> list[tuple[tuple[Segment, ...], GroupSite | None]]:
     """Absolute paths this spec edits in one document."""
     root = document.root
-    sites = param_group_sites(root)
+    sites = select_optimizer(document, param_group_sites(root), optimizer_index)
     first = spec.segments[0]
     if sites is None or first in ("param_groups", "optimizers", "state"):
         if first == "state" and sites is not None:
@@ -244,6 +245,26 @@ def _targets(
             )
         targets.append((site.path + _resolve(group, spec.segments, document, spec.key), site))
     return targets
+
+
+def select_optimizer(document: StateDocument, sites: list[GroupSite] | None,
+                     optimizer_index: int | None) -> list[GroupSite] | None:
+    """Only the groups of optimizer ``optimizer_index`` of a multi-optimizer checkpoint."""
+    if optimizer_index is None:
+        return sites
+    if not sites or all(site.optimizer is None for site in sites):
+        raise UsageProblem(
+            f"--optimizer applies to multi-optimizer checkpoints ({{'optimizers': [...]}}); "
+            f"{document.path.name} holds a single optimizer"
+        )
+    chosen = [site for site in sites if site.optimizer == optimizer_index]
+    if not chosen:
+        known = sorted({site.optimizer for site in sites if site.optimizer is not None})
+        raise ParamGroupError(
+            f"optimizer {optimizer_index} does not exist in {document.path.name} "
+            f"(optimizers: {', '.join(map(str, known))})"
+        )
+    return chosen
 
 
 def _site_label(site: GroupSite) -> str:
@@ -466,13 +487,14 @@ def _check_forbidden(root: Any, path: tuple[Segment, ...], key: str) -> None:
 
 
 def plan_file(
-    document: StateDocument, specs: Sequence[EditSpec], param_group: int | None = None
+    document: StateDocument, specs: Sequence[EditSpec], param_group: int | None = None,
+    optimizer_index: int | None = None,
 ) -> FilePlan:
     """Apply every spec to one document (copy-on-write) and record the changes."""
     root = document.root
     changes: list[ChangeRecord] = []
     for spec in specs:
-        for path, site in _targets(document, spec, param_group):
+        for path, site in _targets(document, spec, param_group, optimizer_index):
             _check_forbidden(document.root, path, spec.key)
             old = _get(root, path)
             if spec.kind == "set":
@@ -498,9 +520,11 @@ def plan_edits(
     documents: Sequence[StateDocument],
     specs: Sequence[EditSpec],
     param_group: int | None = None,
+    optimizer_index: int | None = None,
 ) -> EditPlan:
     """The plan for every file of a component; raises before anything is written."""
     if not specs:
         raise EditSpecError("no edits given; use --set KEY=VALUE or --scale KEY=FACTOR")
     check_distinct_keys(specs)
-    return EditPlan(component, tuple(plan_file(doc, specs, param_group) for doc in documents))
+    return EditPlan(component, tuple(plan_file(doc, specs, param_group, optimizer_index)
+                                     for doc in documents))

@@ -143,12 +143,14 @@ def prepare_modify(
     specs: Sequence[EditSpec],
     param_group: int | None = None,
     progress: Progress | None = None,
+    *,
+    optimizer_index: int | None = None,
 ) -> ModifyPlan:
     """Read every file of ``component`` and plan ``specs``; raises before any write."""
     info, chosen, documents = read_consistent(path, component, progress)
     _refuse_broken_manifest(info)
     identities = dict(zip((f.path for f in chosen.files), _identity(chosen)))
-    edit_plan = plan_edits(component, documents, specs, param_group)
+    edit_plan = plan_edits(component, documents, specs, param_group, optimizer_index)
     return ModifyPlan(info, (ComponentEdit(chosen, edit_plan),),
                       tuple(_lr_warnings(info, component, edit_plan)), identities)
 
