@@ -15,6 +15,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,25 +106,69 @@ def _warn(message: str) -> None:
     click.echo(f"Warning: {message}", err=True)
 
 
+class _ProgressBar:
+    """A one-line bar on stderr, drawn only on a terminal and only for work over a second."""
+
+    _WIDTH = 24
+    _DELAY = 1.0
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._drawn = False
+
+    def __call__(self, message: str, done: int, total: int) -> None:
+        if time.monotonic() - self._started < self._DELAY:
+            return
+        finished = total > 0 and done + 1 >= total
+        filled = self._WIDTH * (done + 1) // total if total else self._WIDTH
+        bar = "#" * filled + "-" * (self._WIDTH - filled)
+        click.echo(f"\r\033[K[{bar}] {done + 1}/{total} {message}"[:200], err=True, nl=False)
+        self._drawn = True
+        if finished:
+            self.close()
+
+    def close(self) -> None:
+        if self._drawn:
+            click.echo("", err=True)
+            self._drawn = False
+
+
 def _progress(verbose: bool, quiet: bool) -> Callable[[str, int, int], None] | None:
-    """Progress on stderr: a live line on a terminal, log lines with -v, nothing with -q."""
+    """Progress on stderr: a bar on a terminal, log lines with -v, nothing with -q/--json."""
     if quiet:
         return None
-    interactive = sys.stderr.isatty()
-    if not (verbose or interactive):
+    if verbose:
+        def log(message: str, done: int, total: int) -> None:
+            click.echo(f"[{done + 1}/{total}] {message}" if total else message, err=True)
+
+        return log
+    if not sys.stderr.isatty():
         return None
+    return _ProgressBar()
 
-    def report(message: str, done: int, total: int) -> None:
-        text = f"[{done + 1}/{total}] {message}" if total else message
-        if interactive and not verbose:
-            end = "\n" if done + 1 >= total else ""
-            click.echo(f"\r\033[K{text}", err=True, nl=False)
-            if end:
-                click.echo("", err=True)
-        else:
-            click.echo(text, err=True)
 
-    return report
+def _complete_component(ctx: click.Context, param: click.Parameter,
+                        incomplete: str) -> list[str]:
+    """Shell completion: the components of the CHECKPOINT already on the command line."""
+    from .discovery import discover_components
+
+    paths = list(ctx.params.get("checkpoint_paths") or ())
+    if ctx.params.get("checkpoint_path"):
+        paths.append(ctx.params["checkpoint_path"])
+    # While completing, click leaves a variadic CHECKPOINT... argument unparsed in ctx.args.
+    paths.extend(ctx.args)
+    names: list[str] = []
+    for path in paths:
+        if not path:
+            continue
+        try:
+            names = list(discover_components(Path(path)).components)
+        except (CheckpointToolError, OSError):
+            continue
+        break
+    if not names:
+        names = ["optimizer", "scheduler", "trainer", "dataset", "rng"]
+    return [name for name in names if name.startswith(incomplete)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +284,7 @@ def _components_json(info: Any, pending: str | None) -> dict[str, Any]:
 @checkpoint.command(name="list")
 @CHECKPOINTS_ARG
 @click.option("--component", "-c", default="optimizer", show_default=True,
-              help="Component to inspect.")
+              shell_complete=_complete_component, help="Component to inspect.")
 @OPTIMIZER_OPT
 @VERBOSE_OPT
 @JSON_OPT
@@ -390,7 +435,7 @@ def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence
 
 @checkpoint.command()
 @CHECKPOINTS_ARG
-@click.option("--component", "-c", required=True,
+@click.option("--component", "-c", required=True, shell_complete=_complete_component,
               help="Component to modify (e.g. optimizer, scheduler; see 'components').")
 @click.option("--set", "set_specs", multiple=True, metavar="KEY=VALUE",
               callback=_edit_specs("set"),
@@ -801,7 +846,7 @@ class _ExitTwo(click.ClickException):
 @checkpoint.command()
 @click.argument("checkpoint_a", metavar="A", type=click.Path(path_type=Path))
 @click.argument("checkpoint_b", metavar="[B]", required=False, type=click.Path(path_type=Path))
-@click.option("--component", "-c", default=None,
+@click.option("--component", "-c", default=None, shell_complete=_complete_component,
               help="Compare only this component (default: all; required with --ranks).")
 @click.option("--ranks", is_flag=True,
               help="Compare the rank files of one checkpoint with each other (A only).")
