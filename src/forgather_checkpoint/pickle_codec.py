@@ -115,7 +115,7 @@ class NewObj(Reduced):
         return self.func
 
 
-class PickledOrderedDict(OrderedDict):  # type: ignore[type-arg]
+class PickledOrderedDict(OrderedDict):
     """A ``collections.OrderedDict()`` from the pickle, usable as an ordinary mapping.
 
     ``pickle_state`` carries a ``BUILD`` state (an OrderedDict's ``__dict__``) if there was one.
@@ -1000,9 +1000,12 @@ def tree_difference(a: Any, b: Any) -> str | None:
                 return f"{path}: keys {list(x.keys())!r:.120} != {list(y.keys())!r:.120}"
             for key in reversed(list(x.keys())):
                 pending.append((x[key], y[key], f"{path}.{key}"))
-            sx = getattr(x, "pickle_has_state", False) and x.pickle_state
-            sy = getattr(y, "pickle_has_state", False) and y.pickle_state
-            pending.append((sx, sy, f"{path}.<state>"))
+            # an OrderedDict's BUILD state (its __dict__), absent for plain dicts
+            state_x = getattr(x, "pickle_state", None) if getattr(x, "pickle_has_state", False) \
+                else None
+            state_y = getattr(y, "pickle_state", None) if getattr(y, "pickle_has_state", False) \
+                else None
+            pending.append((state_x, state_y, f"{path}.<state>"))
         elif isinstance(x, (list, tuple)):
             if len(x) != len(y):
                 return f"{path}: length {len(x)} != {len(y)}"
