@@ -113,6 +113,9 @@ def test_set_keeps_kinds() -> None:
         coerce_for_set(0.1, "0.2", "lr")
     with pytest.raises(ValueTypeError):
         coerce_for_set(5, 5.5, "last_epoch")
+    # torch stores SGD's weight_decay/momentum defaults as the int 0: a fraction makes a float.
+    assert coerce_for_set(0, 0.9, "momentum") == 0.9
+    assert type(coerce_for_set(0, 0.01, "weight_decay")) is float
     with pytest.raises(ValueTypeError):
         coerce_for_set((0.9, 0.999), (0.9,), "betas")
     with pytest.raises(ForbiddenEditError):

@@ -501,7 +501,7 @@ def modify(
 
     def prepare(path: Path) -> Any:
         return prepare_modify(path, component, specs, param_group, progress,
-                              optimizer_index=optimizer_index)
+                              optimizer_index=optimizer_index, wait=wait)
 
     _edit_checkpoints("modify", _expand_checkpoints(checkpoint_paths), prepare,
                       _EditOptions(dry_run, not no_backup, force, wait, verbose, quiet, as_json,
@@ -826,7 +826,7 @@ def lr_command(checkpoint_paths: tuple[Path, ...], set_value: float | None, scal
 
     def prepare(path: Path) -> Any:
         return prepare_lr_change(path, set_value=set_value, scale=scale,
-                                 param_group=param_group, progress=progress)
+                                 param_group=param_group, progress=progress, wait=wait)
 
     _edit_checkpoints("lr", _expand_checkpoints(checkpoint_paths), prepare,
                       _EditOptions(dry_run, not no_backup, force, wait, False, quiet, as_json,

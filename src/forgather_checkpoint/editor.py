@@ -361,6 +361,17 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+# Real-valued hyperparameters that torch's own defaults store as the int 0 or 1 (SGD's
+# momentum=0, dampening=0, weight_decay=0; RMSprop's alpha, ...). Setting them to a fraction
+# must turn them into floats, not fail; any other int stays strictly an int.
+REAL_VALUED_KEYS = frozenset({
+    "lr", "initial_lr", "max_lr", "min_lr", "momentum", "dampening", "weight_decay", "eps",
+    "alpha", "lr_decay", "initial_accumulator_value", "rho", "beta", "beta1", "beta2",
+    "decay_rate", "clip_threshold", "max_momentum", "base_momentum", "eta_min", "gamma",
+    "factor", "start_factor", "end_factor", "constant_lr", "eta",
+})
+
+
 def coerce_for_set(old: Any, new: Any, key: str) -> Any:
     """``new`` converted to the kind of ``old``; ValueTypeError when the kinds differ."""
     if is_opaque(old):
@@ -377,9 +388,11 @@ def coerce_for_set(old: Any, new: Any, key: str) -> Any:
         if isinstance(new, bool) or not _is_number(new):
             raise ValueTypeError(f"{key} is an int ({old}); {new!r} is a {_kind(new)}")
         if isinstance(new, float):
-            if not new.is_integer():
-                raise ValueTypeError(f"{key} is an int ({old}); {new!r} is not a whole number")
-            return int(new)
+            if new.is_integer():
+                return int(new)
+            if key.rsplit(".", 1)[-1] in REAL_VALUED_KEYS:
+                return new
+            raise ValueTypeError(f"{key} is an int ({old}); {new!r} is not a whole number")
         return new
     if isinstance(old, float):
         if isinstance(new, bool) or not _is_number(new):
@@ -453,6 +466,8 @@ def _rebuild_sequence(like: Sequence[Any], items: list[Any]) -> Any:
 
 
 def _same_value(left: Any, right: Any) -> bool:
+    if isinstance(left, str) and isinstance(right, str):
+        return str(left) == str(right)  # the decoder may hand back a str subclass
     if type(left) is not type(right):
         return False
     if isinstance(left, float) and math.isnan(left) and math.isnan(right):

@@ -132,6 +132,8 @@ def same_listed_value(left: Any, right: Any) -> bool:
     if is_opaque(left) or is_opaque(right):
         return (is_opaque(left) and is_opaque(right)
                 and describe_opaque(left) == describe_opaque(right))
+    if isinstance(left, str) and isinstance(right, str):
+        return str(left) == str(right)  # the decoder may hand back a str subclass
     if type(left) is not type(right):
         return False
     if isinstance(left, float) and math.isnan(left):

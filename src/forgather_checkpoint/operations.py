@@ -51,13 +51,16 @@ def _identity(component: Component) -> list[tuple[int, int, int]]:
 
 
 def read_consistent(
-    path: Path, component: str, progress: Progress | None = None, *, wait: float = 10.0
+    path: Path, component: str, progress: Progress | None = None, *, wait: float = 30.0,
+    for_edit: bool = False,
 ) -> tuple[CheckpointInfo, Component, list[StateDocument]]:
     """Read every file of ``component`` as one consistent snapshot, without taking the lock.
 
     A commit replaces files only while its journal exists, so a read that saw no journal
     before and after, and the same inodes before and after, saw no half-committed state.
-    A commit interrupted by a crash is finished or undone first (``recover``).
+    A commit interrupted by a crash is finished or undone first (``recover``). Readers wait
+    out a commit in its replace phase; an editor (``for_edit``) meeting another live editor
+    waits up to ``wait`` seconds and then fails, naming the holder.
     """
     from .writer import pending_commit, recover
 
@@ -67,18 +70,24 @@ def read_consistent(
         if pending is not None and not pending.in_progress:
             recover(Path(path), wait=max(0.0, deadline - time.monotonic()))
             continue
-        if pending is None:
+        # While another commit is still staging, the originals are untouched: safe to read.
+        readable = pending is None or (not for_edit and pending.phase == "staging")
+        if readable:
             info = inspect_checkpoint(path)
             chosen = info.complete_component(component)
             before = _identity(chosen)
             documents = read_component(info, chosen, progress)
-            if pending_commit(info.path) is None and _identity(chosen) == before:
+            after = pending_commit(info.path)
+            if (after is None or (not for_edit and after.phase == "staging")) \
+                    and _identity(chosen) == before:
                 return info, chosen, documents
         if time.monotonic() >= deadline:
             holder = pending.holder if pending is not None else None
-            who = f" by pid {holder.pid}" if holder is not None else ""
+            who = holder.describe() if holder is not None else "another process"
+            waited = f" after waiting {wait:g}s" if wait > 0 else ""
             raise LockedError(
-                f"{path} is being modified{who}; try again when that edit has finished"
+                f"checkpoint {path} is being edited by {who}{waited}; try again later or "
+                "pass --wait SECONDS"
             )
         time.sleep(0.05)
 
@@ -145,9 +154,11 @@ def prepare_modify(
     progress: Progress | None = None,
     *,
     optimizer_index: int | None = None,
+    wait: float = 0.0,
 ) -> ModifyPlan:
     """Read every file of ``component`` and plan ``specs``; raises before any write."""
-    info, chosen, documents = read_consistent(path, component, progress)
+    info, chosen, documents = read_consistent(path, component, progress, wait=wait,
+                                              for_edit=True)
     _refuse_broken_manifest(info)
     identities = dict(zip((f.path for f in chosen.files), _identity(chosen)))
     edit_plan = plan_edits(component, documents, specs, param_group, optimizer_index)
@@ -162,11 +173,13 @@ def prepare_lr_change(
     scale: float | None = None,
     param_group: int | None = None,
     progress: Progress | None = None,
+    wait: float = 0.0,
 ) -> ModifyPlan:
     """Plan a lasting learning-rate change over the optimizer and scheduler files."""
     from .lrchange import LrRequest, plan_lr_change
 
-    info, optimizer, optimizer_docs = read_consistent(path, "optimizer", progress)
+    info, optimizer, optimizer_docs = read_consistent(path, "optimizer", progress, wait=wait,
+                                                      for_edit=True)
     _refuse_broken_manifest(info)
     identities = dict(zip((f.path for f in optimizer.files), _identity(optimizer)))
     scheduler = info.components.get("scheduler")
