@@ -203,3 +203,44 @@ def test_every_command_has_help_with_an_example() -> None:
         result = run(command, "--help")
         assert result.exit_code == 0
         assert "Example" in result.stdout, command
+
+
+def test_verify_load_option_loads_with_torch(example_checkpoint: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    import forgather_checkpoint.operations as operations
+
+    real = operations.verify_load_with_torch
+
+    def spy(path: Path) -> Any:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(operations, "verify_load_with_torch", spy)
+    result = run("modify", example_checkpoint, "-c", "optimizer", "--set", "lr=0.2", "--force",
+                 "--verify-load")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1 and ".fgc-tmp-" in calls[0].name
+
+
+@pytest.mark.parametrize("command", [
+    ["components", "{ckpt}"],
+    ["list", "{ckpt}", "-c", "optimizer"],
+    ["list", "{ckpt}", "-c", "rng", "--json"],
+    ["modify", "{ckpt}", "-c", "optimizer", "--set", "lr=0.3", "--dry-run"],
+    ["lr", "{ckpt}", "--scale", "0.5", "--dry-run"],
+    ["verify", "{ckpt}"],
+    ["modify", "{ckpt}", "-c", "optimizer", "--set", "lr=0.3", "--force"],
+    ["lr", "{ckpt}", "--scale", "0.5", "--force", "-q"],
+])
+def test_reading_commands_never_import_torch(example_checkpoint: Path,
+                                             command: list[str]) -> None:
+    args = [part.replace("{ckpt}", str(example_checkpoint)) for part in command]
+    code = (
+        "import sys\n"
+        "from forgather_checkpoint.cli import checkpoint\n"
+        f"checkpoint.main({args!r}, standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

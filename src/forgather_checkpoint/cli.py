@@ -80,6 +80,10 @@ WAIT_OPT = click.option(
     "--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
     help="If another edit holds the checkpoint's lock, wait up to SECONDS for it.")
 _STALE_RETRIES = 5
+VERIFY_LOAD_OPT = click.option(
+    "--verify-load", is_flag=True,
+    help="Also load every new file with torch.load(weights_only=True, mmap=True) before "
+         "replacing anything (slower; the built-in check already compares every value).")
 VERBOSE_OPT = click.option("-v", "--verbose", is_flag=True, help="Show more detail.")
 JSON_OPT = click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON document on stdout (schema in the README).")
@@ -451,6 +455,7 @@ def _edit_specs(kind: str) -> Callable[[click.Context, click.Parameter, Sequence
               help="Do not keep a backup of the originals (the commit is still atomic).")
 @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
 @WAIT_OPT
+@VERIFY_LOAD_OPT
 @VERBOSE_OPT
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @JSON_OPT
@@ -465,6 +470,7 @@ def modify(
     no_backup: bool,
     force: bool,
     wait: float,
+    verify_load: bool,
     verbose: bool,
     quiet: bool,
     as_json: bool,
@@ -505,7 +511,7 @@ def modify(
 
     _edit_checkpoints("modify", _expand_checkpoints(checkpoint_paths), prepare,
                       _EditOptions(dry_run, not no_backup, force, wait, verbose, quiet, as_json,
-                                   progress))
+                                   progress, verify_load))
 
 
 @dataclass(frozen=True)
@@ -518,6 +524,7 @@ class _EditOptions:
     quiet: bool
     as_json: bool
     progress: Callable[[str, int, int], None] | None
+    verify_load: bool = False
 
 
 def _edit_checkpoints(command: str, paths: list[Path], prepare: Callable[[Path], Any],
@@ -585,7 +592,7 @@ def _commit_with_retries(path: Path, plan: Any, prepare: Callable[[Path], Any],
     for attempt in range(_STALE_RETRIES):
         try:
             return plan, apply(plan, backup=options.backup, wait=options.wait,
-                               progress=options.progress)
+                               progress=options.progress, verify_load=options.verify_load)
         except StaleReadError:
             # Another editor committed between our read and our commit. With --force the
             # user asked for these edits whatever the current values: plan them again.
@@ -797,11 +804,12 @@ def _finite_number(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--no-backup", is_flag=True, help="Do not keep backups of the originals.")
 @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
 @WAIT_OPT
+@VERIFY_LOAD_OPT
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @JSON_OPT
 def lr_command(checkpoint_paths: tuple[Path, ...], set_value: float | None, scale: float | None,
                param_group: int | None, dry_run: bool, no_backup: bool, force: bool,
-               wait: float, quiet: bool, as_json: bool) -> None:
+               wait: float, verify_load: bool, quiet: bool, as_json: bool) -> None:
     """Change the learning rate for the rest of training (optimizer and scheduler together).
 
     Schedulers recompute each group's lr from their base_lrs on every step, so editing only
@@ -830,7 +838,7 @@ def lr_command(checkpoint_paths: tuple[Path, ...], set_value: float | None, scal
 
     _edit_checkpoints("lr", _expand_checkpoints(checkpoint_paths), prepare,
                       _EditOptions(dry_run, not no_backup, force, wait, False, quiet, as_json,
-                                   progress))
+                                   progress, verify_load))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,13 @@ from .discovery import CheckpointInfo, Component, discover_components, read_mani
 from .editor import EditPlan, EditSpec, FilePlan, plan_edits
 from .errors import LockedError, ManifestError, StaleReadError
 from .listing import ComponentListing, list_documents, to_json_value
-from .stateformat import StateDocument, read_state_file, verify_state_file, write_state_file
+from .stateformat import (
+    StateDocument,
+    read_state_file,
+    verify_load_with_torch,
+    verify_state_file,
+    write_state_file,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -251,15 +257,20 @@ def apply_modify(
     backup: bool = True,
     wait: float = 0.0,
     progress: Progress | None = None,
+    verify_load: bool = False,
 ) -> Any:
-    """Commit the plan as one transaction; returns the writer's CommitResult."""
+    """Commit the plan as one transaction; returns the writer's CommitResult.
+
+    ``verify_load`` additionally loads every staged file with
+    ``torch.load(weights_only=True, mmap=True)`` before anything is replaced.
+    """
     from .writer import StagedWrite, commit_atomically
 
     writes = [
         StagedWrite(
             target=file_plan.document.path,
             render=_renderer(file_plan, plan.identities.get(file_plan.document.path)),
-            validate=_validator(file_plan),
+            validate=_validator(file_plan, verify_load),
         )
         for file_plan in plan.changed_files
     ]
@@ -290,9 +301,12 @@ def _renderer(file_plan: FilePlan, identity: tuple[int, int, int] | None
     return render
 
 
-def _validator(file_plan: FilePlan) -> Callable[[Path], None]:
+def _validator(file_plan: FilePlan, verify_load: bool) -> Callable[[Path], None]:
     def validate(temp: Path) -> None:
         verify_state_file(file_plan.document, temp, file_plan.new_root)
+        if verify_load:
+            # Optional belt and braces: the real loader, memory-mapped so it stays cheap.
+            verify_load_with_torch(temp)
 
     return validate
 
