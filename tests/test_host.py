@@ -380,3 +380,20 @@ def test_help_does_not_import_torch() -> None:
     }
     assert "forgather_checkpoint.host" in imported
     assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
+
+
+# --- core's own `checkpoint` subcommands ---------------------------------------------------
+
+
+def test_core_checkpoint_subcommand_is_handed_to_core(fake_core: dict[str, Any],
+                                                      runner: CliRunner) -> None:
+    result = runner.invoke(host.forgather, ["checkpoint", "link", "--output-path", "out"])
+    assert result.exit_code == 0, result.output
+    ((_argv0, *seen),) = fake_core["calls"]
+    assert seen == ["checkpoint", "link", "--output-path", "out"]
+
+
+def test_core_checkpoint_subcommand_without_forgather(no_core: None, runner: CliRunner) -> None:
+    result = runner.invoke(host.forgather, ["checkpoint", "link"])
+    assert result.exit_code == 2
+    assert "No such command 'link'" in result.output and "install Forgather" in result.output

@@ -29,7 +29,25 @@ JSON_SCHEMA_VERSION = 1
 
 
 class _CheckpointGroup(click.Group):
-    """Maps the tool's typed errors to click's exits (1 for errors, 2 for usage)."""
+    """Maps the tool's typed errors to click's exits (1 for errors, 2 for usage).
+
+    Forgather core has ``checkpoint`` subcommands of its own (``forgather checkpoint link``);
+    this group takes the ``checkpoint`` name, so a subcommand it does not know is handed to
+    core unchanged when core is installed.
+    """
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            from .host import forgather_installed, run_core
+
+            if forgather_installed():
+                run_core(ctx, ["checkpoint", *args])
+            known = ", ".join(self.list_commands(ctx))
+            raise click.UsageError(
+                f"No such command '{name}' (commands: {known}). If it is Forgather core's own "
+                f"'forgather checkpoint {name}', install Forgather to use it.", ctx)
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

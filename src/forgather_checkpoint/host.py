@@ -82,7 +82,8 @@ def _plugin_entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return found
 
 
-def _forgather_installed() -> bool:
+def forgather_installed() -> bool:
+    """Whether Forgather core can be imported here (without importing it)."""
     # Only the top-level package is looked up: importing forgather.cli would import torch.
     try:
         return importlib.util.find_spec("forgather") is not None
@@ -145,7 +146,7 @@ class ForgatherGroup(click.Group):
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         super().format_epilog(ctx, formatter)
-        status = "installed" if _forgather_installed() else "not installed"
+        status = "installed" if forgather_installed() else "not installed"
         formatter.write_paragraph()
         formatter.write_text(
             "Any other command, and any argument list that starts with an option (such as "
