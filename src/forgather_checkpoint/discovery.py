@@ -171,7 +171,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     problems = manifest_problems(data)
     if problems:
         raise ManifestError(f"{path}: {problems[0]}")
-    return data  # type: ignore[no-any-return]
+    return data
 
 
 def manifest_problems(data: Any) -> list[str]:

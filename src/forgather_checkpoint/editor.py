@@ -233,7 +233,7 @@ def _targets(
                 f"({count} group(s): 0..{count - 1})"
             )
         sites = chosen
-    targets = []
+    targets: list[tuple[tuple[Segment, ...], GroupSite | None]] = []
     for site in sites:
         group = _get(root, site.path)
         if spec.segments[0] not in group:
@@ -287,7 +287,7 @@ def _resolve(
                     f"{key}: {segment!r} not found at {here} of {document.path.name} "
                     f"(keys: {keys or 'none'}); see 'forgather checkpoint list'"
                 )
-            resolved.append(real)  # type: ignore[arg-type]
+            resolved.append(real)
             node = node[real]
         elif isinstance(node, (list, tuple)):
             if not segment.isdigit() or int(segment) >= len(node):
