@@ -394,3 +394,30 @@ def test_installed_entry_point_runs(example_checkpoint: Path) -> None:
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["components"][0]["name"] == "optimizer"
+
+
+def test_corrupted_write_fails_validation_and_nothing_is_replaced(
+    make_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Simulate corruption while writing one rank file: validation catches it, and no file
+    (not even the rank files that were written correctly) is replaced."""
+    import forgather_checkpoint.operations as operations
+
+    path = make_checkpoint(layout="pipeline", world_size=4)
+    before = snapshot(path)
+    real_write = operations.write_state_file
+
+    def corrupting_write(doc: Any, new_root: Any, destination: Path) -> None:
+        real_write(doc, new_root, destination)
+        if doc.path.name == "optimizer_state_rank_2.pt":
+            data = bytearray(destination.read_bytes())
+            index = data.find(b"weight_decay")
+            data[index + 2] ^= 0x01  # a bit flip inside data.pkl
+            destination.write_bytes(bytes(data))
+
+    monkeypatch.setattr(operations, "write_state_file", corrupting_write)
+    result = run("modify", path, "-c", "optimizer", "--set", "weight_decay=0.5", "--force")
+    assert result.exit_code == 1
+    assert "modified checkpoint failed validation" in result.stderr
+    assert "optimizer_state_rank_2.pt" in result.stderr
+    assert_unchanged(path, before)

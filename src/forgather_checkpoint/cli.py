@@ -23,7 +23,13 @@ from typing import Any
 
 import click
 
-from .errors import CheckpointToolError, EditSpecError, StaleReadError, UsageProblem
+from .errors import (
+    CheckpointToolError,
+    EditSpecError,
+    StaleReadError,
+    UsageProblem,
+    ValidationError,
+)
 
 JSON_SCHEMA_VERSION = 1
 
@@ -54,6 +60,10 @@ class _CheckpointGroup(click.Group):
             return super().invoke(ctx)
         except UsageProblem as exc:
             raise click.UsageError(str(exc)) from exc
+        except ValidationError as exc:
+            raise click.ClickException(
+                f"modified checkpoint failed validation: {exc}; nothing was replaced, every "
+                "original file is unchanged") from exc
         except CheckpointToolError as exc:
             raise click.ClickException(str(exc)) from exc
 
