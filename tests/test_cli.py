@@ -421,3 +421,17 @@ def test_corrupted_write_fails_validation_and_nothing_is_replaced(
     assert "modified checkpoint failed validation" in result.stderr
     assert "optimizer_state_rank_2.pt" in result.stderr
     assert_unchanged(path, before)
+
+
+def test_legacy_format_file_is_edited_through_torch_and_reported(example_checkpoint: Path) -> None:
+    target = example_checkpoint / "optimizer_state.pt"
+    state = load(target)
+    torch.save(state, target, _use_new_zipfile_serialization=False)
+    listing = run("list", example_checkpoint)
+    assert listing.exit_code == 0 and "legacy" in listing.stderr.lower()
+    result = run("modify", example_checkpoint, "-c", "optimizer", "--set", "lr=0.25", "--force")
+    assert result.exit_code == 0, result.output
+    assert "legacy" in result.stderr.lower()
+    after = load(target)
+    assert [g["lr"] for g in after["param_groups"]] == [0.25, 0.25]
+    assert_tensors_identical(state["state"], after["state"])

@@ -390,6 +390,7 @@ def _listing_json(info: Any, chosen: Any, listing: Any) -> dict[str, Any]:
         "sharing_pattern": chosen.sharing_pattern,
         "files": list(listing.files),
         "consistent": listing.consistent,
+        "notes": list(listing.notes),
         "entries": [
             {
                 "optimizer": entry.optimizer,
@@ -411,6 +412,8 @@ def _listing_json(info: Any, chosen: Any, listing: Any) -> dict[str, Any]:
 def _show_listing(chosen: Any, listing: Any, verbose: bool) -> None:
     from .listing import format_value, type_name
 
+    for note in listing.notes:
+        _warn(note)
     click.echo(f"Component: {chosen.key}")
     click.echo(f"Files: {', '.join(listing.files)}")
     if verbose:

@@ -46,6 +46,7 @@ class ComponentListing:
     files: tuple[str, ...]
     entries: tuple[ListedEntry, ...]
     has_param_groups: bool
+    notes: tuple[str, ...] = ()
 
     @property
     def consistent(self) -> bool:
@@ -124,7 +125,14 @@ def list_documents(component: str, documents: Sequence[StateDocument]) -> Compon
         entries.append(ListedEntry(key=slot[2], group=slot[1], optimizer=slot[0],
                                    variants=variants, absent_from=absent))
     has_groups = any(param_group_sites(doc.root) is not None for doc in documents)
-    return ComponentListing(component, names, tuple(entries), has_groups)
+    return ComponentListing(component, names, tuple(entries), has_groups,
+                            document_notes(documents))
+
+
+def document_notes(documents: Sequence[StateDocument]) -> tuple[str, ...]:
+    """What the format layer noticed about each file (legacy format, compressed pickle...)."""
+    return tuple(f"{doc.path.name}: {note}" for doc in documents
+                 for note in getattr(doc, "notes", ()))
 
 
 def same_listed_value(left: Any, right: Any) -> bool:

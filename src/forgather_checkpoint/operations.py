@@ -22,7 +22,7 @@ from . import __version__
 from .discovery import CheckpointInfo, Component, discover_components, read_manifest
 from .editor import EditPlan, EditSpec, FilePlan, plan_edits
 from .errors import LockedError, ManifestError, StaleReadError
-from .listing import ComponentListing, list_documents, to_json_value
+from .listing import ComponentListing, document_notes, list_documents, to_json_value
 from .stateformat import (
     StateDocument,
     read_state_file,
@@ -168,8 +168,8 @@ def prepare_modify(
     _refuse_broken_manifest(info)
     identities = dict(zip((f.path for f in chosen.files), _identity(chosen)))
     edit_plan = plan_edits(component, documents, specs, param_group, optimizer_index)
-    return ModifyPlan(info, (ComponentEdit(chosen, edit_plan),),
-                      tuple(_lr_warnings(info, component, edit_plan)), identities)
+    warnings = (*document_notes(documents), *_lr_warnings(info, component, edit_plan))
+    return ModifyPlan(info, (ComponentEdit(chosen, edit_plan),), warnings, identities)
 
 
 def prepare_lr_change(
@@ -197,6 +197,7 @@ def prepare_lr_change(
     request = LrRequest(set_value=set_value, scale=scale, param_group=param_group)
     optimizer_plan, scheduler_plan, warnings = plan_lr_change(optimizer_docs, scheduler_docs,
                                                               request)
+    warnings[:0] = document_notes([*optimizer_docs, *scheduler_docs])
     parts = [ComponentEdit(optimizer, optimizer_plan)]
     if scheduler is not None and scheduler_plan is not None:
         parts.append(ComponentEdit(scheduler, scheduler_plan))
@@ -346,7 +347,7 @@ def _manifest_write(plan: ModifyPlan, record: Mapping[str, Any]) -> Any:
         if written.get("timestamp") != original.get("timestamp"):
             raise ValidationError("updated manifest changed the top-level timestamp")
 
-    return StagedWrite(target=manifest_path, render=render, validate=validate)
+    return StagedWrite(target=manifest_path, render=render, validate=validate, after_others=True)
 
 
 def _update_manifest_entry(manifest: dict[str, Any], part: ComponentEdit,
