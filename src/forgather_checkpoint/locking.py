@@ -103,7 +103,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _user() -> str:
+def current_user() -> str:
+    """The login name recorded in lock notes, history and the manifest (uid if none)."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -136,7 +137,7 @@ class CheckpointLock:
         note = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "user": _user(),
+            "user": current_user(),
             "started": datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join(sys.argv)[:300],
             "dir_times": {k: list(v) for k, v in self._dir_times.items()},

@@ -7,7 +7,6 @@ confirmation prompt), ``apply_modify`` the commit.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ from .discovery import CheckpointInfo, Component, discover_components, read_mani
 from .editor import EditPlan, EditSpec, FilePlan, plan_edits
 from .errors import LockedError, ManifestError, StaleReadError
 from .listing import ComponentListing, document_notes, list_documents, to_json_value
+from .locking import current_user
 from .stateformat import (
     StateDocument,
     read_state_file,
@@ -314,11 +314,7 @@ def _validator(file_plan: FilePlan, verify_load: bool) -> Callable[[Path], None]
 
 def modified_by() -> str:
     """Who made a change, as recorded in the manifest and history."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"forgather-checkpoint {__version__} ({user}@{socket.gethostname()})"
+    return f"forgather-checkpoint {__version__} ({current_user()}@{socket.gethostname()})"
 
 
 def _manifest_write(plan: ModifyPlan, record: Mapping[str, Any]) -> Any:
