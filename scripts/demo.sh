@@ -12,5 +12,9 @@ CKPT="$EXAMPLE/checkpoints/checkpoint-5"
 set -x
 forgather checkpoint components "$CKPT"
 forgather checkpoint list "$CKPT" --component optimizer
-forgather checkpoint modify "$CKPT" --component optimizer --set weight_decay=0.01 --scale lr=0.5 --force
+forgather checkpoint modify "$CKPT" --component optimizer --set weight_decay=0.01 --dry-run
+forgather checkpoint modify "$CKPT" --component optimizer --set weight_decay=0.01 --force
+forgather checkpoint lr "$CKPT" --scale 0.5 --force
 forgather checkpoint list "$CKPT" --component optimizer
+forgather checkpoint history "$CKPT"
+forgather checkpoint verify "$CKPT"

@@ -283,7 +283,7 @@ def apply_modify(
     if plan.info.manifest is not None:
         writes.append(_manifest_write(plan, record))
     return commit_atomically(plan.info.path, writes, backup=backup, record=record, wait=wait,
-                             progress=progress)
+                             progress=progress, action=plan.command)
 
 
 def _renderer(file_plan: FilePlan, identity: tuple[int, int, int] | None
