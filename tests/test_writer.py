@@ -183,16 +183,17 @@ def test_hardlink_impossible_falls_back_to_copy(
     assert writer.read_history(ckpt)[0].files[0].backup_method == "copy"
 
 
-def test_later_renders_see_earlier_temps(ckpt: Path) -> None:
+def test_dependent_render_sees_the_other_temps(ckpt: Path) -> None:
     seen: dict[Path, int] = {}
 
     def manifest(temp: Path, rendered: Mapping[Path, Path]) -> None:
         seen.update({t: p.stat().st_size for t, p in rendered.items()})
         temp.write_bytes(b"manifest")
 
+    # Listed first on purpose: after_others, not the position, decides that it runs last.
     writes = [
+        StagedWrite(ckpt / NAMES[-1], manifest, lambda t: None, after_others=True),
         put(ckpt / NAMES[0], b"12345"),
-        StagedWrite(ckpt / NAMES[-1], manifest, lambda t: None),
     ]
     commit_atomically(ckpt, writes)
     assert seen == {ckpt / NAMES[0]: 5}

@@ -23,8 +23,10 @@ while a command runs (or after a crash, until the next command recovers).
 The commit, in order (the lock is held throughout; see :mod:`forgather_checkpoint.locking`)::
 
     LOCKED     note written, directory times recorded; an earlier interrupted commit recovered
-    STAGING    each temp created O_EXCL, rendered, mode copied, fsynced; then each validated;
-               temp directories fsynced                    -- crash: no journal => roll back
+    STAGING    each temp created O_EXCL, rendered, mode copied, fsynced, validated: the
+               independent files in parallel threads, then those that depend on the others'
+               temps (the manifest); temp directories fsynced
+                                                           -- crash: no journal => roll back
     JOURNALED  journal written to a temp, fsynced, renamed into place, directory fsynced.
                This rename is the commit point.            -- crash: journal => roll forward
     BACKED UP  each original kept by hard link (copy + fsync only where links are impossible)
@@ -63,13 +65,16 @@ import errno
 import filecmp
 import json
 import os
+import queue
 import secrets
 import shutil
 import socket
 import stat
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -94,6 +99,9 @@ _JOURNAL_PHASES = {
     JOURNAL_COMPLETE_NAME: "complete",
 }
 _DIGEST_SPAN = 1 << 20
+# Renders are kernel copies and fsyncs that release the GIL; more threads than this only make
+# the disk seek between files. A module constant so tests can change it.
+STAGING_THREADS = 8
 # Link failures that mean "this file system (pair) cannot hard-link": fall back to a copy.
 _NO_LINK_ERRNOS = {
     errno.EXDEV,
@@ -114,11 +122,19 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class StagedWrite:
-    """One file of a commit: how to produce its new bytes and how to check them."""
+    """One file of a commit: how to produce its new bytes and how to check them.
+
+    ``render(temp, rendered)`` fills the empty temp file; ``validate(temp)`` raises when the
+    staged bytes are not what was meant. Independent writes are rendered and validated in
+    parallel threads, each seeing an empty ``rendered`` mapping. A write with ``after_others``
+    (the manifest, which records the new files' sizes) runs once every independent write is
+    staged and validated, and sees them all (target -> staged temp) in ``rendered``.
+    """
 
     target: Path
     render: Callable[[Path, Mapping[Path, Path]], None]
     validate: Callable[[Path], None]
+    after_others: bool = False
 
 
 @dataclass(frozen=True)
@@ -878,6 +894,108 @@ def _choose_backup(
     return path
 
 
+def _new_temp(t: _Target, staged: list[Path]) -> Path:
+    temp = _temp_path(t.real)
+    # O_EXCL: a name collision (another process, a leftover) fails instead of sharing.
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    staged.append(temp)
+    return temp
+
+
+def _stage_one(
+    index: int,
+    t: _Target,
+    temp: Path,
+    rendered: Mapping[Path, Path],
+    tell: Callable[[str], None],
+    abort: threading.Event | None = None,
+) -> None:
+    """Render, keep the mode, fsync and validate one temp file (in a worker thread or not)."""
+    t.write.render(temp, rendered)
+    mode = stat.S_IMODE(os.stat(t.real).st_mode) if t.exists else 0o644
+    os.chmod(temp, mode)
+    # Data durable before anything may point at it (journal, then the target name).
+    _fsync_path(temp)
+    failpoint(f"after-stage-{index}")
+    tell("stage")
+    if abort is not None and abort.is_set():
+        return  # another file failed: the commit is off, validating this one is wasted work
+    t.write.validate(temp)
+    tell("validate")
+
+
+def _stage_all(
+    targets: Sequence[_Target], staged: list[Path], report: Progress
+) -> list[Path]:
+    """Stage and validate every target; the temps in target order.
+
+    Independent writes run in parallel threads (kernel copies and fsyncs release the GIL);
+    ``after_others`` writes follow in order once all of those are staged and validated.
+    ``after-stage-N`` still names the N-th write, fired once that file's temp is durable.
+    Progress is reported on the calling thread only, so callbacks need no locking, with
+    per-phase counts that only grow. On any failure (including Ctrl-C in the calling thread),
+    no worker is left running when this returns, so the caller can remove every temp in
+    ``staged`` without a late render recreating one; the first error to happen is raised.
+    """
+    n = len(targets)
+    temps: dict[int, Path] = {}
+    counts = {"stage": 0, "validate": 0}
+
+    def tick(phase: str) -> None:
+        counts[phase] += 1
+        report(phase, counts[phase], n)
+
+    independent = [i for i, t in enumerate(targets) if not t.write.after_others]
+    # Created up front on this thread: ``staged`` then holds every temp a worker may touch.
+    for i in independent:
+        temps[i] = _new_temp(targets[i], staged)
+    if independent:
+        # Workers only post events; this thread turns them into progress and errors.
+        events: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
+        abort = threading.Event()
+
+        def work(i: int) -> None:
+            error: BaseException | None = None
+            try:
+                if not abort.is_set():
+                    _stage_one(i + 1, targets[i], temps[i], MappingProxyType({}),
+                               lambda phase: events.put((phase, None)), abort)
+            except BaseException as exc:  # handed to the calling thread, which raises it
+                error = exc
+                abort.set()
+            finally:
+                events.put(("done", error))
+
+        first_error: BaseException | None = None
+        pool = ThreadPoolExecutor(max_workers=min(len(independent), STAGING_THREADS),
+                                  thread_name_prefix="fgc-stage")
+        try:
+            for i in independent:
+                pool.submit(work, i)
+            remaining = len(independent)
+            while remaining:
+                phase, error = events.get()
+                if phase == "done":
+                    remaining -= 1
+                    if error is not None and first_error is None:
+                        first_error = error
+                elif first_error is None:
+                    tick(phase)
+        except BaseException:
+            abort.set()  # workers not started yet stay idle; running ones finish their file
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if first_error is not None:
+            raise first_error
+    for i, t in enumerate(targets):
+        if t.write.after_others:
+            rendered = MappingProxyType({targets[j].write.target: temps[j] for j in sorted(temps)})
+            temps[i] = _new_temp(t, staged)
+            _stage_one(i + 1, t, temps[i], rendered, tick)
+    return [temps[i] for i in range(n)]
+
+
 def commit_atomically(
     checkpoint_dir: Path,
     writes: Sequence[StagedWrite],
@@ -930,32 +1048,16 @@ def _commit_locked(
 ) -> CommitResult:
     n = len(targets)
     report = progress or (lambda phase, done, total: None)
-    staged: list[Path] = []
-    rendered: dict[Path, Path] = {}
+    staged: list[Path] = []  # every temp created so far: what a failure must remove
     entries: list[_Entry] = []
     commit_id = _new_commit_id()
     try:
-        for i, t in enumerate(targets, 1):
-            temp = _temp_path(t.real)
-            # O_EXCL: a name collision (another process, a leftover) fails instead of sharing.
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-            staged.append(temp)
-            t.write.render(temp, MappingProxyType(dict(rendered)))
-            mode = stat.S_IMODE(os.stat(t.real).st_mode) if t.exists else 0o644
-            os.chmod(temp, mode)
-            # Data durable before anything may point at it (journal, then the target name).
-            _fsync_path(temp)
-            rendered[t.write.target] = temp
-            failpoint(f"after-stage-{i}")
-            report("stage", i, n)
-        for i, (t, temp) in enumerate(zip(targets, staged), 1):
-            t.write.validate(temp)
-            report("validate", i, n)
+        temps = _stage_all(targets, staged, report)
         failpoint("after-validate")
         history = read_history(ckpt)
         edited_before = {f.path for e in history for f in e.files}
         taken: set[Path] = set()
-        for t, temp in zip(targets, staged):
+        for t, temp in zip(targets, temps):
             st = os.stat(temp)
             orig = os.stat(t.real) if t.exists else None
             entries.append(
