@@ -27,7 +27,14 @@ from .errors import (
     UsageProblem,
     ValueTypeError,
 )
-from .stateformat import StateDocument, describe_opaque, is_opaque
+from .stateformat import (
+    StateDocument,
+    describe_opaque,
+    is_opaque,
+    scale_tensor_scalar,
+    set_tensor_scalar,
+    tensor_scalar,
+)
 
 EditKind = Literal["set", "scale"]
 Segment = str | int
@@ -374,6 +381,9 @@ REAL_VALUED_KEYS = frozenset({
 
 def coerce_for_set(old: Any, new: Any, key: str) -> Any:
     """``new`` converted to the kind of ``old``; ValueTypeError when the kinds differ."""
+    if tensor_scalar(old) is not None:
+        # A one-element tensor (a fused optimizer's 0-d lr) keeps its dtype and device.
+        return set_tensor_scalar(old, new, key)
     if is_opaque(old):
         raise ForbiddenEditError(
             f"{key} is a {describe_opaque(old)}; tensors are never edited by this tool"
@@ -422,6 +432,8 @@ def coerce_for_set(old: Any, new: Any, key: str) -> Any:
 
 def scale_value(old: Any, factor: float, key: str, factor_text: str | None = None) -> Any:
     """``old * factor`` for numbers and sequences of numbers, keeping ints as ints."""
+    if tensor_scalar(old) is not None:
+        return scale_tensor_scalar(old, factor, key)
     if is_opaque(old):
         raise ForbiddenEditError(
             f"{key} is a {describe_opaque(old)}; tensors are never edited by this tool"
@@ -466,6 +478,10 @@ def _rebuild_sequence(like: Sequence[Any], items: list[Any]) -> Any:
 
 
 def _same_value(left: Any, right: Any) -> bool:
+    left_scalar, right_scalar = tensor_scalar(left), tensor_scalar(right)
+    if left_scalar is not None or right_scalar is not None:  # same dtype, same stored bits
+        return (left_scalar is not None and right_scalar is not None
+                and (left_scalar.dtype, left_scalar.raw) == (right_scalar.dtype, right_scalar.raw))
     if isinstance(left, str) and isinstance(right, str):
         return str(left) == str(right)  # the decoder may hand back a str subclass
     if type(left) is not type(right):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .editor import param_group_sites
-from .stateformat import StateDocument, describe_opaque, is_opaque
+from .stateformat import StateDocument, describe_opaque, is_opaque, tensor_scalar
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,11 @@ def type_name(value: Any) -> str:
 
 
 def to_json_value(value: Any) -> Any:
-    """A JSON-safe form: tuples become lists, non-finite floats strings, tensors null."""
+    """A JSON-safe form: tuples become lists, non-finite floats strings, tensors null (a
+    one-element tensor: its element, as ``list`` shows it)."""
+    scalar = tensor_scalar(value)
+    if scalar is not None:
+        return to_json_value(scalar.display_value)
     if is_opaque(value):
         return None
     if isinstance(value, float) and not math.isfinite(value):

@@ -14,6 +14,11 @@ differs from the original in exactly the absolute learning-rate fields, each mul
 
 ``--scale F`` is F for each targeted group; ``--set V`` is ``V / base`` where base is the group's
 base learning rate: ``initial_lr``, else the scheduler's ``base_lrs[g]``, else its ``lr``.
+
+Optimizers given a tensor learning rate (``lr=torch.tensor(1e-3)``, e.g. with ``fused=True``)
+store every one of these fields as a 0-d tensor, in the optimizer and in the scheduler. Those are
+scaled in place through the same path as ``modify`` (``stateformat.scale_tensor_scalar``): same
+dtype, same device tag, the new value rounded to the dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ from typing import Any
 
 from .editor import ChangeRecord, EditPlan, FilePlan, _assign, param_group_sites
 from .errors import ForbiddenEditError, ParamGroupError, ValueTypeError
-from .stateformat import StateDocument, describe_opaque, is_opaque
+from .stateformat import (
+    StateDocument,
+    describe_opaque,
+    is_opaque,
+    scale_tensor_scalar,
+    tensor_scalar,
+)
 
 GROUP_LR_FIELDS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr", "peak_lr", "final_lr",
                    "eta_min")
@@ -55,14 +66,33 @@ class LrRequest:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A number or a one-element numeric tensor: an lr field this change scales."""
+    return _as_number(value) is not None
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    scalar = tensor_scalar(value)
+    if scalar is not None and not isinstance(scalar.value, bool):
+        return float(scalar.value)
+    return None
+
+
+def _shown(value: Any) -> str:
+    return describe_opaque(value) if is_opaque(value) else repr(value)
 
 
 def _scaled(old: Any, factor: float, key: str, file: str) -> Any:
+    if tensor_scalar(old) is not None:
+        try:
+            return scale_tensor_scalar(old, factor, key)
+        except (ForbiddenEditError, ValueTypeError) as exc:
+            raise type(exc)(f"{file}: {exc}") from None
     if is_opaque(old):
         raise ForbiddenEditError(
-            f"{file}: {key} is stored as a {describe_opaque(old)}; editing tensor learning "
-            "rates is not supported yet"
+            f"{file}: {key} is stored as a {describe_opaque(old)}; only numbers and tensors of "
+            "one element are learning rates this command can change"
         )
     if isinstance(old, int) and not isinstance(old, bool):
         return float(old) * factor
@@ -119,13 +149,12 @@ def plan_optimizer_file(doc: StateDocument, request: LrRequest,
         group = root
         for segment in site.path:
             group = group[segment]
-        base = group.get("initial_lr")
-        if not _number(base) and scheduler_base and site.group < len(scheduler_base):
-            base = scheduler_base[site.group]
-        if not _number(base):
-            base = group.get("lr")
-        factor = request.factor(base if _number(base) else None,
-                                f"{doc.path.name} param group {site.group}")
+        base = _as_number(group.get("initial_lr"))
+        if base is None and scheduler_base and site.group < len(scheduler_base):
+            base = _as_number(scheduler_base[site.group])
+        if base is None:
+            base = _as_number(group.get("lr"))
+        factor = request.factor(base, f"{doc.path.name} param group {site.group}")
         for key in GROUP_LR_FIELDS:
             if key in group and (_number(group[key]) or is_opaque(group[key])):
                 new = _scaled(group[key], factor, key, doc.path.name)
@@ -177,13 +206,13 @@ def _scale_scheduler_node(doc: StateDocument, node: Any, path: tuple[Any, ...],
     uniform = _uniform_factor(group_count, base_lrs, optimizer_bases, request, file)
     for key in SCHEDULER_SCALAR_FIELDS:
         value = node.get(key)
-        if not _number(value) or value == 0:
+        if not _as_number(value):  # absent, not a number, or zero (nothing to scale)
             continue
         name = f"{prefix + '.' if prefix else ''}{key}"
         if request.param_group is not None and group_count > 1:
             warnings.append(
-                f"{file}: {name} = {value!r} is shared by every param group and was left as "
-                f"it is; only param group {request.param_group} changed"
+                f"{file}: {name} = {_shown(value)} is shared by every param group and was "
+                f"left as it is; only param group {request.param_group} changed"
             )
             continue
         if uniform is None:
@@ -209,11 +238,11 @@ def _factors(count: int, base_lrs: list[Any] | None, optimizer_bases: list[Any] 
              request: LrRequest, file: str) -> dict[int, float]:
     factors = {}
     for index in _targeted(count, request.param_group, file):
-        base = base_lrs[index] if base_lrs is not None and index < len(base_lrs) else None
-        if not _number(base) and optimizer_bases is not None and index < len(optimizer_bases):
-            base = optimizer_bases[index]
-        factors[index] = request.factor(base if _number(base) else None,
-                                        f"{file} param group {index}")
+        base = _as_number(base_lrs[index]) if base_lrs is not None and index < len(
+            base_lrs) else None
+        if base is None and optimizer_bases is not None and index < len(optimizer_bases):
+            base = _as_number(optimizer_bases[index])
+        factors[index] = request.factor(base, f"{file} param group {index}")
     return factors
 
 

@@ -15,6 +15,7 @@ storage reference and every shared object as they were.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -32,15 +33,23 @@ __all__ = [
     "PickleEncodeError",
     "PickledOrderedDict",
     "Reduced",
+    "ScalarSlot",
+    "ScalarTensorEdit",
     "TensorInfo",
+    "TensorRebuild",
+    "TensorScalar",
+    "TensorUsage",
     "WEIGHTS_ONLY_ALLOWED_GLOBALS",
     "decode_pickle",
     "decode_pickle_info",
     "describe",
     "encode_pickle",
     "find_tensors",
+    "find_scalar_edits",
     "referenced_globals",
+    "scalar_tensor_slot",
     "tensor_info",
+    "tensor_usage",
     "tree_difference",
     "weights_only_violation",
 ]
@@ -115,6 +124,56 @@ class NewObj(Reduced):
         return self.func
 
 
+@dataclass(frozen=True)
+class TensorScalar:
+    """The single element of a one-element tensor, as read from (or meant for) its storage.
+
+    The pickle only says where a tensor's bytes are; ``stateformat`` reads the element of every
+    one-element tensor so ``list`` can show a 0-d learning rate, and builds the new element of
+    an edit. ``raw`` is exactly what the storage record holds (the archive's byte order).
+    """
+
+    dtype: str
+    value: float | int | bool
+    text: str  # shortest literal the dtype reads back as this element ("0.001", not 0.00100000004)
+    raw: bytes
+    storage_key: str
+    location: str  # the device tag torch saved ("cpu", "cuda:0"); an edit never changes it
+    offset: int  # element index in the storage (the tensor's storage_offset)
+    byteorder: str = "little"  # of the archive (its ``byteorder`` record)
+    shared: str | None = None  # why an in-place edit would change something else, or None
+
+    @property
+    def display_value(self) -> float | int | bool:
+        """The value as ``text`` reads: ``0.001`` for a float32 element, not 0.0010000000474."""
+        return float(self.text) if isinstance(self.value, float) else self.value
+
+
+@dataclass(eq=False)
+class TensorRebuild(Reduced):
+    """A ``torch._utils._rebuild_tensor_v2`` call: a tensor, recorded like any ``Reduced``.
+
+    Its own class only so that a tensor can carry ``scalar``, its element when it has exactly
+    one (filled in by ``stateformat`` after decoding; never part of the pickle itself).
+    """
+
+    scalar: TensorScalar | None = None
+
+
+@dataclass(frozen=True)
+class ScalarTensorEdit:
+    """A one-element tensor whose element is to be replaced in place.
+
+    It pickles as ``original`` (same object, so memo sharing, dtype, shape, stride and the
+    storage's device tag stay exactly as they were); ``scalar`` is the new element, which
+    ``stateformat`` writes into the storage record. The editor puts this marker where the tensor
+    was, copy-on-write, like any other new value.
+    """
+
+    original: TensorRebuild
+    scalar: TensorScalar
+
+
 class PickledOrderedDict(OrderedDict):
     """A ``collections.OrderedDict()`` from the pickle, usable as an ordinary mapping.
 
@@ -138,6 +197,7 @@ class _DistinctStr(str):
 
 
 _ORDERED_DICT = GlobalRef("collections", "OrderedDict")
+_REBUILD_TENSOR_V2 = GlobalRef("torch._utils", "_rebuild_tensor_v2")
 _CODECS_ENCODE = GlobalRef("_codecs", "encode")
 # At protocols < 3 CPython writes Python 2 module names (fix_imports): builtins -> __builtin__.
 _BUILTINS_BYTES = GlobalRef("__builtin__", "bytes")
@@ -303,6 +363,8 @@ class _Decoder:
                 pass
         if func in (_BUILTINS_BYTES, GlobalRef("builtins", "bytes")) and args == ():
             return b""
+        if func == _REBUILD_TENSOR_V2:
+            return TensorRebuild(func, args)
         return Reduced(func, args)
 
     def run(self) -> Any:  # noqa: C901 - one flat dispatch is the clearest form of an interpreter
@@ -558,6 +620,9 @@ class _Encoder:
             out += b"Q"
         elif isinstance(obj, Reduced):
             self.save_reduced(obj)
+        elif isinstance(obj, ScalarTensorEdit):
+            # The pickle keeps the original tensor; only its storage bytes change.
+            self.save(obj.original)
         elif isinstance(obj, bytes):
             self.save_bytes(obj)
         else:
@@ -723,6 +788,8 @@ def _children(node: Any) -> Iterator[Any]:
             yield node.state
     elif isinstance(node, PersistentRef):
         yield node.pid
+    elif isinstance(node, ScalarTensorEdit):
+        yield node.original
 
 
 def _walk(root: Any) -> Iterator[Any]:
@@ -909,6 +976,93 @@ def tensor_info(node: Any) -> TensorInfo | None:
     return None
 
 
+@dataclass(frozen=True)
+class ScalarSlot:
+    """Where the element of a one-element ``_rebuild_tensor_v2`` tensor lives."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    storage_key: str
+    location: str
+    offset: int  # in elements
+    storage_numel: int
+
+
+def scalar_tensor_slot(node: Any) -> ScalarSlot | None:
+    """The storage slot of a one-element tensor rebuilt by ``_rebuild_tensor_v2``, else None.
+
+    Only the plain v2 form qualifies: ``(storage, offset, size, stride, requires_grad, hooks
+    [, metadata])`` with a typed-storage persistent id ``('storage', type, key, location,
+    numel)``. Anything else (parameters, v3, quantized tensors) keeps being only described.
+    """
+    if not isinstance(node, TensorRebuild) or not isinstance(node.args, tuple):
+        return None
+    args = node.args
+    if len(args) < 4 or not isinstance(args[0], PersistentRef):
+        return None
+    pid = args[0].pid
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+            and isinstance(pid[3], str) and _plain_int(pid[4])):
+        return None
+    offset, size = args[1], args[2]
+    if not _plain_int(offset) or not isinstance(size, tuple):
+        return None
+    if not all(_plain_int(d) for d in size) or math.prod(size) != 1:
+        return None
+    dtype, key = _storage_dtype(args[0])
+    if key is None or not 0 <= offset < pid[4]:
+        return None
+    return ScalarSlot(dtype, tuple(size), key, pid[3], offset, pid[4])
+
+
+def _plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TensorUsage:
+    """How often each storage and each tensor object is used in a tree.
+
+    A storage named by two persistent ids backs two tensors (views); a tensor object reached
+    from two places is one object the pickle memo shares. Either way, rewriting its bytes in
+    place would change more than the one value being edited.
+    """
+
+    storage_refs: dict[str, int]
+    tensor_refs: dict[int, int]  # id(TensorRebuild) -> places it occurs
+    tensors: tuple[TensorRebuild, ...]
+
+
+def tensor_usage(root: Any) -> TensorUsage:
+    """Count storage references and tensor occurrences in one pass over the tree."""
+    storage_refs: dict[str, int] = {}
+    tensor_refs: dict[int, int] = {}
+    tensors: list[TensorRebuild] = []
+    if isinstance(root, TensorRebuild):
+        tensor_refs[id(root)] = 1
+    for node in _walk(root):
+        if isinstance(node, PersistentRef):
+            _, key = _storage_dtype(node)
+            if key is not None:
+                storage_refs[key] = storage_refs.get(key, 0) + 1
+            continue
+        if isinstance(node, TensorRebuild):
+            tensors.append(node)
+        elif isinstance(node, ScalarTensorEdit):
+            continue  # its tensor was counted where the edit stands, as that place's child
+        for child in _children(node):
+            if isinstance(child, ScalarTensorEdit):
+                child = child.original
+            if isinstance(child, TensorRebuild):
+                tensor_refs[id(child)] = tensor_refs.get(id(child), 0) + 1
+    return TensorUsage(storage_refs, tensor_refs, tuple(tensors))
+
+
+def find_scalar_edits(root: Any) -> list[ScalarTensorEdit]:
+    """Every pending in-place tensor element edit in the tree."""
+    return [node for node in _walk(root) if isinstance(node, ScalarTensorEdit)]
+
+
 def find_tensors(root: Any) -> list[Reduced]:
     """Every tensor rebuild in the tree, in pickle order (shared tensors once).
 
@@ -922,7 +1076,14 @@ def find_tensors(root: Any) -> list[Reduced]:
 
 
 def describe(node: Any) -> str:
-    """A short human description of a placeholder: ``tensor(float32, shape=[3, 4])``."""
+    """A short human description of a placeholder: ``tensor(float32, shape=[3, 4])``.
+
+    A one-element tensor whose element was read shows it: ``tensor(float32, value=0.001)``.
+    """
+    if isinstance(node, ScalarTensorEdit):
+        return _describe_scalar(node.original, node.scalar)
+    if isinstance(node, TensorRebuild) and node.scalar is not None:
+        return _describe_scalar(node, node.scalar)
     info = tensor_info(node)
     if info is not None:
         return str(info)
@@ -942,6 +1103,13 @@ def describe(node: Any) -> str:
             return f"device({', '.join(repr(a) for a in node.args)})"
         return f"object({name})"
     return type(node).__name__
+
+
+def _describe_scalar(node: TensorRebuild, scalar: TensorScalar) -> str:
+    info = tensor_info(node)
+    shape = info.shape if info is not None else ()
+    dims = f"shape=[{', '.join(str(d) for d in shape)}], " if shape else ""
+    return f"tensor({scalar.dtype}, {dims}value={scalar.text})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -977,6 +1145,11 @@ def tree_difference(a: Any, b: Any) -> str | None:
     pending: list[tuple[Any, Any, str]] = [(a, b, "$")]
     while pending:
         x, y, path = pending.pop()
+        # A pending element edit pickles as its original tensor (its bytes are checked apart).
+        if isinstance(x, ScalarTensorEdit):
+            x = x.original
+        if isinstance(y, ScalarTensorEdit):
+            y = y.original
         kx, ky = _kind(x), _kind(y)
         if kx != ky:
             return f"{path}: {kx} != {ky}"

@@ -7,7 +7,9 @@ data starts on a 64-byte boundary (padding goes into an ``FB`` extra field of th
 header) so that ``torch.load(mmap=True)`` can map tensors in place.
 
 A rewrite replaces the ``data.pkl`` record and copies every other record, local header and
-data descriptor included, byte for byte with kernel-side copying. The padding of the new
+data descriptor included, byte for byte with kernel-side copying. A caller may also patch a
+few storage records with new bytes of the same length (an edited 0-d tensor): only their
+data and CRC fields change, so no offset moves. The padding of the new
 ``data.pkl`` header is chosen so everything after it moves by a multiple of the alignment;
 later records therefore keep their alignment and their headers need no change. Only the
 central directory (offsets) and the end records are written anew.
@@ -23,6 +25,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,8 @@ __all__ = [
     "ZipRecord",
     "open_archive",
     "read_pickle_bytes",
+    "read_record_ranges",
+    "record_named",
     "rewrite",
     "verify_rewrite",
 ]
@@ -374,6 +379,35 @@ def read_pickle_bytes(layout: ArchiveLayout) -> bytes:
     return raw
 
 
+def record_named(layout: ArchiveLayout, name: str) -> ZipRecord | None:
+    """The member called ``name`` (full name, prefix included), or None."""
+    for record in layout.records:
+        if record.name == name:
+            return record
+    return None
+
+
+def read_record_ranges(layout: ArchiveLayout,
+                       ranges: Sequence[tuple[ZipRecord, int, int]]) -> list[bytes]:
+    """``(record, start, size)`` byte ranges of stored (uncompressed) records, in one open.
+
+    Used for small reads only (a 0-d tensor's element, the ``byteorder`` record); no CRC
+    check, which would need the whole record.
+    """
+    fd = os.open(layout.path, os.O_RDONLY)
+    try:
+        chunks = []
+        for record, start, size in ranges:
+            if record.method != _STORED:
+                raise UnsupportedArchiveError(f"{record.name} is compressed")
+            if start < 0 or size < 0 or start + size > record.compressed_size:
+                raise CorruptArchiveError(f"{record.name} has no bytes {start}..{start + size}")
+            chunks.append(_pread_exact(fd, size, record.data_offset + start, record.name))
+        return chunks
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -475,6 +509,17 @@ def _build_pickle_record(old: ZipRecord, src_fd: int, new_pickle: bytes,
     return local + old.raw_name + extra + new_pickle + descriptor
 
 
+def _build_patched_record(record: ZipRecord, src_fd: int, data: bytes) -> bytes:
+    """The whole span of a patched record: its header, the new data, its descriptor."""
+    header = _pread_exact(src_fd, record.data_offset - record.header_offset,
+                          record.header_offset, f"local header of {record.name}")
+    data_end = record.data_offset + record.compressed_size
+    tail = _pread_exact(src_fd, record.span_end - data_end, data_end,
+                        f"data descriptor of {record.name}")
+    header, tail = _patched_frame(record, header, tail, zlib.crc32(data))
+    return header + data + tail
+
+
 def _central_entry(record: ZipRecord, offset: int) -> bytes:
     zip64_values = []
     usize, csize, local_offset = record.uncompressed_size, record.compressed_size, offset
@@ -516,13 +561,55 @@ def _end_records(layout: ArchiveLayout, count: int, cd_offset: int, cd_size: int
     return out
 
 
+def _check_patches(layout: ArchiveLayout, patches: Mapping[str, bytes]) -> None:
+    for name, data in patches.items():
+        record = record_named(layout, name)
+        if record is None:
+            raise TorchZipError(f"no record {name} to patch")
+        if record is layout.pickle_record:
+            raise TorchZipError(f"{name} is the pickle record; it is replaced, not patched")
+        if record.method != _STORED:
+            raise UnsupportedArchiveError(f"{name} is compressed and cannot be patched in place")
+        if len(data) != record.compressed_size:
+            raise TorchZipError(f"patch for {name} has {len(data)} bytes, the record "
+                                f"{record.compressed_size}; a patch must keep the size")
+
+
+def _patched_frame(record: ZipRecord, header: bytes, tail: bytes,
+                   new_crc: int) -> tuple[bytes, bytes]:
+    """The local header and the bytes after the data (descriptor) with ``new_crc`` in place
+    of the record's CRC wherever the original carried it."""
+    old_crc = struct.pack("<I", record.crc32)
+    crc = struct.pack("<I", new_crc)
+    # The local header's CRC field (byte 14) holds the CRC unless a data descriptor carries
+    # it (then the field is zero, as torch's writer leaves it).
+    if header[14:18] == old_crc:
+        header = header[:14] + crc + header[18:]
+    elif header[14:18] != b"\0\0\0\0" or not record.flags & _FLAG_DESCRIPTOR:
+        raise CorruptArchiveError(f"local header of {record.name} has a CRC that matches "
+                                  "neither the directory nor a data descriptor")
+    if record.flags & _FLAG_DESCRIPTOR:
+        at = 4 if tail[:4] == _DESCRIPTOR_SIG else 0
+        if tail[at:at + 4] != old_crc:
+            raise CorruptArchiveError(f"data descriptor of {record.name} does not match the "
+                                      "directory's CRC")
+        tail = tail[:at] + crc + tail[at + 4:]
+    return header, tail
+
+
 def rewrite(layout: ArchiveLayout, destination: Path | str | int,
-            new_pickle: bytes) -> RewriteReport:
+            new_pickle: bytes, patches: Mapping[str, bytes] | None = None) -> RewriteReport:
     """Write ``layout``'s archive with ``new_pickle`` as data.pkl to ``destination``.
+
+    ``patches`` maps record names (``archive/data/3``) to their new data, each exactly as long
+    as the record's: that data is written in place of the original and its CRC is updated in
+    the local header, data descriptor and directory; nothing moves.
 
     ``destination`` is a path (created or truncated) or an open, writable descriptor (it is
     truncated and written from offset 0, and left open). No fsync: committing is the caller's.
     """
+    patches = dict(patches or {})
+    _check_patches(layout, patches)
     if isinstance(destination, int):
         dst_fd, owned = destination, False
         os.ftruncate(dst_fd, 0)
@@ -534,7 +621,7 @@ def rewrite(layout: ArchiveLayout, destination: Path | str | int,
     try:
         if os.fstat(src_fd).st_size != layout.file_size:
             raise CorruptArchiveError(f"{layout.path} changed size since it was read")
-        return _rewrite_fds(layout, src_fd, dst_fd, new_pickle)
+        return _rewrite_fds(layout, src_fd, dst_fd, new_pickle, patches)
     finally:
         os.close(src_fd)
         if owned:
@@ -542,7 +629,7 @@ def rewrite(layout: ArchiveLayout, destination: Path | str | int,
 
 
 def _rewrite_fds(layout: ArchiveLayout, src_fd: int, dst_fd: int,
-                 new_pickle: bytes) -> RewriteReport:
+                 new_pickle: bytes, patches: Mapping[str, bytes]) -> RewriteReport:
     copier = _Copier()
     pickle_record = layout.pickle_record
     by_offset = sorted(layout.records, key=lambda r: r.header_offset)
@@ -566,6 +653,13 @@ def _rewrite_fds(layout: ArchiveLayout, src_fd: int, dst_fd: int,
             _write_all(dst_fd, block)
             shift = len(block) - (record.span_end - record.header_offset)
             position += len(block)
+        elif record.name in patches:
+            if run_length:
+                copier.copy(src_fd, dst_fd, run_start, run_length)
+                run_length = 0
+            block = _build_patched_record(record, src_fd, patches[record.name])
+            _write_all(dst_fd, block)
+            position += len(block)
         else:
             length = record.span_end - record.header_offset
             if not run_length:
@@ -584,6 +678,8 @@ def _rewrite_fds(layout: ArchiveLayout, src_fd: int, dst_fd: int,
     directory = bytearray()
     for record in layout.records:
         current = new_pickle_record if record is pickle_record else record
+        if record.name in patches:
+            current = replace(record, crc32=zlib.crc32(patches[record.name]))
         directory += _central_entry(current, new_offsets[record.header_offset])
     _write_all(dst_fd, bytes(directory))
     end = _end_records(layout, len(layout.records), cd_offset, len(directory))
@@ -600,14 +696,17 @@ _NOTHING: Any = object()
 
 
 def verify_rewrite(written: Path | str, source: ArchiveLayout, expected_pickle: bytes,
-                   expected_root: Any = _NOTHING) -> ArchiveLayout:
+                   expected_root: Any = _NOTHING,
+                   patches: Mapping[str, bytes] | None = None) -> ArchiveLayout:
     """Check a rewritten file before it replaces anything; raise ``ValidationError`` if not ok.
 
     Re-reads the written directory, checks the data.pkl CRC and bytes, decodes it and compares
     it with ``expected_root`` (values and sharing), and checks every other record is present
     with its original sizes, CRC, compression and data alignment. Tensor bytes are not re-read:
-    they were copied by the kernel and their CRCs in the directory are the originals.
+    they were copied by the kernel and their CRCs in the directory are the originals. Patched
+    records are re-read in full: they must hold exactly the patch, under its CRC.
     """
+    patches = dict(patches or {})
     try:
         layout = open_archive(written)
         data = read_pickle_bytes(layout)
@@ -626,12 +725,13 @@ def verify_rewrite(written: Path | str, source: ArchiveLayout, expected_pickle: 
                                   f"{difference}")
     old = {r.name: r for r in source.records}
     new = {r.name: r for r in layout.records}
-    _check_records(written, source, layout, old, new)
+    _check_records(written, source, layout, old, new, patches)
     return layout
 
 
 def _check_records(written: Path | str, source: ArchiveLayout, layout: ArchiveLayout,
-                   old: dict[str, ZipRecord], new: dict[str, ZipRecord]) -> None:
+                   old: dict[str, ZipRecord], new: dict[str, ZipRecord],
+                   patches: Mapping[str, bytes]) -> None:
     if list(old) != list(new):
         raise ValidationError(f"{written}: archive members differ from the original "
                               f"({sorted(set(old) ^ set(new))})")
@@ -639,10 +739,12 @@ def _check_records(written: Path | str, source: ArchiveLayout, layout: ArchiveLa
         if before is source.pickle_record:
             continue
         after = new[name]
-        same = (before.crc32, before.compressed_size, before.uncompressed_size, before.method) == (
+        crc = zlib.crc32(patches[name]) if name in patches else before.crc32
+        same = (crc, before.compressed_size, before.uncompressed_size, before.method) == (
             after.crc32, after.compressed_size, after.uncompressed_size, after.method)
         if not same:
-            raise ValidationError(f"{written}: record {name} changed size, CRC or compression")
+            raise ValidationError(f"{written}: record {name} changed size, CRC or compression"
+                                  + (" (or lacks the intended patch)" if name in patches else ""))
         if (after.data_offset - before.data_offset) % source.alignment:
             raise ValidationError(f"{written}: record {name} lost its {source.alignment}-byte "
                                   "data alignment")
@@ -654,6 +756,9 @@ def _check_records(written: Path | str, source: ArchiveLayout, layout: ArchiveLa
             if before is source.pickle_record:
                 continue
             after = new[name]
+            if name in patches:
+                _check_patched(written, before, after, src_fd, dst_fd, patches[name])
+                continue
             length = before.data_offset - before.header_offset
             if os.pread(src_fd, length, before.header_offset) != os.pread(
                     dst_fd, length, after.header_offset):
@@ -661,3 +766,14 @@ def _check_records(written: Path | str, source: ArchiveLayout, layout: ArchiveLa
     finally:
         os.close(src_fd)
         os.close(dst_fd)
+
+
+def _check_patched(written: Path | str, before: ZipRecord, after: ZipRecord, src_fd: int,
+                   dst_fd: int, data: bytes) -> None:
+    # The whole span is compared with what the rewrite meant to write: the original header
+    # and descriptor with only the CRC changed, and exactly the patch as data.
+    expected = _build_patched_record(before, src_fd, data)
+    actual = os.pread(dst_fd, after.span_end - after.header_offset, after.header_offset)
+    if after.span_end - after.header_offset != len(expected) or actual != expected:
+        raise ValidationError(f"{written}: patched record {before.name} does not hold exactly "
+                              "the intended bytes")
