@@ -379,6 +379,10 @@ REAL_VALUED_KEYS = frozenset({
 })
 
 
+_ONLY_SCALAR_TENSORS = ("tensors are not edited by this tool, except a tensor of one element "
+                        "(such as a 0-d learning rate), in place")
+
+
 def coerce_for_set(old: Any, new: Any, key: str) -> Any:
     """``new`` converted to the kind of ``old``; ValueTypeError when the kinds differ."""
     if tensor_scalar(old) is not None:
@@ -386,7 +390,7 @@ def coerce_for_set(old: Any, new: Any, key: str) -> Any:
         return set_tensor_scalar(old, new, key)
     if is_opaque(old):
         raise ForbiddenEditError(
-            f"{key} is a {describe_opaque(old)}; tensors are never edited by this tool"
+            f"{key} is a {describe_opaque(old)}; {_ONLY_SCALAR_TENSORS}"
         )
     if old is None:
         return new
@@ -436,7 +440,7 @@ def scale_value(old: Any, factor: float, key: str, factor_text: str | None = Non
         return scale_tensor_scalar(old, factor, key)
     if is_opaque(old):
         raise ForbiddenEditError(
-            f"{key} is a {describe_opaque(old)}; tensors are never edited by this tool"
+            f"{key} is a {describe_opaque(old)}; {_ONLY_SCALAR_TENSORS}"
         )
     if isinstance(old, bool):
         raise ValueTypeError(f"{key} is a bool ({old}); only numbers can be scaled")
