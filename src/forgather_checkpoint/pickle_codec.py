@@ -212,6 +212,7 @@ class DecodedPickle:
     root: Any
     protocol: int
     opcodes: frozenset[str]  # names of the opcodes that occur (weights_only accepts a subset)
+    usage: TensorUsage  # tensors and storage references, counted while decoding
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +261,12 @@ class _Decoder:
         self.opcodes: set[str] = set()
         # ids of cached strings already produced by an opcode (see _DistinctStr)
         self.produced_cached: set[int] = set()
+        # Tensor bookkeeping for in-place element edits, counted here because a separate walk
+        # over a large optimizer state costs as much as decoding it. A tensor is referenced
+        # once where REDUCE builds it and once more per memo fetch.
+        self.tensors: list[TensorRebuild] = []
+        self.tensor_refs: dict[int, int] = {}
+        self.storage_refs: dict[str, int] = {}
 
     def fail(self, message: str, at: int | None = None) -> PickleDecodeError:
         where = self.pos if at is None else at
@@ -323,9 +330,12 @@ class _Decoder:
 
     def memo_get(self, index: int) -> None:
         try:
-            self.stack.append(self.memo[index])
+            value = self.memo[index]
         except KeyError:
             raise self.fail(f"memo index {index} was never stored") from None
+        if type(value) is TensorRebuild:
+            self.tensor_refs[id(value)] += 1
+        self.stack.append(value)
 
     def set_items(self, target: Any, pairs: list[Any]) -> None:
         if len(pairs) % 2:
@@ -364,7 +374,10 @@ class _Decoder:
         if func in (_BUILTINS_BYTES, GlobalRef("builtins", "bytes")) and args == ():
             return b""
         if func == _REBUILD_TENSOR_V2:
-            return TensorRebuild(func, args)
+            tensor = TensorRebuild(func, args)
+            self.tensors.append(tensor)
+            self.tensor_refs[id(tensor)] = 1
+            return tensor
         return Reduced(func, args)
 
     def run(self) -> Any:  # noqa: C901 - one flat dispatch is the clearest form of an interpreter
@@ -471,7 +484,11 @@ class _Decoder:
                 else:
                     raise self.fail(f"BUILD on {type(target).__name__}", start)
             elif op == 0x51:  # BINPERSID
-                stack.append(PersistentRef(self.pop()))
+                ref = PersistentRef(self.pop())
+                _, key = _storage_dtype(ref)
+                if key is not None:
+                    self.storage_refs[key] = self.storage_refs.get(key, 0) + 1
+                stack.append(ref)
             elif op == 0x6A:  # LONG_BINGET
                 self.memo_get(unpack_from("<I", self.take(4))[0])
             elif op == 0x72:  # LONG_BINPUT
@@ -544,7 +561,8 @@ def decode_pickle_info(data: bytes) -> DecodedPickle:
         root = decoder.run()
     except RecursionError:  # pragma: no cover - the decoder is iterative; kept for safety
         raise PickleDecodeError("invalid pickle: nested too deeply") from None
-    return DecodedPickle(root, decoder.protocol, frozenset(decoder.opcodes))
+    usage = TensorUsage(decoder.storage_refs, decoder.tensor_refs, tuple(decoder.tensors))
+    return DecodedPickle(root, decoder.protocol, frozenset(decoder.opcodes), usage)
 
 
 def decode_pickle(data: bytes) -> Any:
@@ -1033,28 +1051,37 @@ class TensorUsage:
     tensors: tuple[TensorRebuild, ...]
 
 
+_BRANCHES = (dict, list, tuple, Reduced, PersistentRef)
+
+
 def tensor_usage(root: Any) -> TensorUsage:
-    """Count storage references and tensor occurrences in one pass over the tree."""
+    """Count storage references and tensor occurrences in one pass over the tree.
+
+    Every read runs this over optimizer states with tens of thousands of nodes, so unlike
+    ``_walk`` it queues only nodes that can have children and visits each edge once.
+    """
     storage_refs: dict[str, int] = {}
     tensor_refs: dict[int, int] = {}
     tensors: list[TensorRebuild] = []
-    if isinstance(root, TensorRebuild):
-        tensor_refs[id(root)] = 1
-    for node in _walk(root):
+    seen: set[int] = set()
+    pending = [root]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ScalarTensorEdit):
+            node = node.original  # an edit stands where its tensor was
+        if isinstance(node, TensorRebuild):
+            tensor_refs[id(node)] = tensor_refs.get(id(node), 0) + 1
+        if not isinstance(node, _BRANCHES) or id(node) in seen:
+            continue
+        seen.add(id(node))
         if isinstance(node, PersistentRef):
             _, key = _storage_dtype(node)
             if key is not None:
                 storage_refs[key] = storage_refs.get(key, 0) + 1
-            continue
-        if isinstance(node, TensorRebuild):
+        elif isinstance(node, TensorRebuild):
             tensors.append(node)
-        elif isinstance(node, ScalarTensorEdit):
-            continue  # its tensor was counted where the edit stands, as that place's child
-        for child in _children(node):
-            if isinstance(child, ScalarTensorEdit):
-                child = child.original
-            if isinstance(child, TensorRebuild):
-                tensor_refs[id(child)] = tensor_refs.get(id(child), 0) + 1
+        pending.extend(child for child in _children(node)
+                       if isinstance(child, (*_BRANCHES, ScalarTensorEdit)))
     return TensorUsage(storage_refs, tensor_refs, tuple(tensors))
 
 

@@ -99,7 +99,7 @@ def read_state_file(path: Path) -> StateDocument:
             "it is not a plain state file and is left untouched"
         )
     try:
-        _attach_scalars(layout, root)
+        _attach_scalars(layout, decoded.usage)
     except StateFileError as exc:
         raise StateFileError(f"{path}: {exc}") from None
     notes = []
@@ -345,18 +345,18 @@ def _byteorder(layout: torchzip.ArchiveLayout) -> str:
     return text
 
 
-def _attach_scalars(layout: torchzip.ArchiveLayout, root: Any) -> None:
+def _attach_scalars(layout: torchzip.ArchiveLayout, usage: pickle_codec.TensorUsage) -> None:
     """Read the element of every one-element tensor into its ``TensorRebuild.scalar``.
 
     One small read per such tensor (a 0-d lr, a step counter); bigger tensors are never read.
     """
-    usage = pickle_codec.tensor_usage(root)
+    records = {record.name: record for record in layout.records}
     wanted = []
     for node in usage.tensors:
         slot = pickle_codec.scalar_tensor_slot(node)
         if slot is None or slot.dtype not in _ELEMENT_FORMATS:
             continue
-        record = torchzip.record_named(layout, _storage_record_name(layout, slot.storage_key))
+        record = records.get(_storage_record_name(layout, slot.storage_key))
         size = struct.calcsize(_ELEMENT_FORMATS[slot.dtype])
         start = slot.offset * size
         if record is None or record.method != 0 or start + size > record.compressed_size:
