@@ -189,6 +189,7 @@ def test_modify_scale_multiplies_in_the_tensors_dtype(tmp_path: Path) -> None:
         assert new["initial_lr"].dtype == torch.float64
         assert tensor_bytes(new["initial_lr"]) == _stored(float(old["initial_lr"]) * 0.1,
                                                           torch.float64)
+        assert float(new["initial_lr"]) != float(old["initial_lr"])
         assert tensor_bytes(new["lr"]) == tensor_bytes(old["lr"])
 
 
@@ -244,12 +245,12 @@ def test_lr_scale_lasts_like_a_run_that_used_it_from_the_start(
         tmp_path: Path, optimizer_name: str, scheduler_name: str) -> None:
     directory = _save_checkpoint(tmp_path / "checkpoint-5", optimizer_name, scheduler_name)
     before_state = _load(directory / "optimizer_state.pt")["state"]
-    result = _run("lr", directory, "--scale", "0.5", "--force")
+    result = _run("lr", directory, "--scale", "0.1", "--force")
     assert result.exit_code == 0, result.output
     assert "base_lrs: [tensor(" in result.stdout
 
-    optimizer = _optimizer(optimizer_name, [lr * 0.5 for lr in BASE_LRS])
-    scheduler = SCHEDULERS[scheduler_name](optimizer, 0.5)
+    optimizer = _optimizer(optimizer_name, [lr * 0.1 for lr in BASE_LRS])
+    scheduler = SCHEDULERS[scheduler_name](optimizer, 0.1)
     expected = _train(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
     actual = _resume(directory, optimizer_name, scheduler_name)
     for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
@@ -261,9 +262,10 @@ def test_lr_scale_lasts_like_a_run_that_used_it_from_the_start(
     scheduler_state = _load(directory / "scheduler_state.pt")
     for index, base in enumerate(BASE_LRS):
         assert edited["param_groups"][index]["initial_lr"].dtype == dtype
-        assert tensor_bytes(edited["param_groups"][index]["initial_lr"]) == _stored(base * 0.5,
+        # Bit for bit what the run configured with lr=torch.tensor(base * 0.1) stores.
+        assert tensor_bytes(edited["param_groups"][index]["initial_lr"]) == _stored(base * 0.1,
                                                                                     dtype)
-        assert tensor_bytes(scheduler_state["base_lrs"][index]) == _stored(base * 0.5, dtype)
+        assert tensor_bytes(scheduler_state["base_lrs"][index]) == _stored(base * 0.1, dtype)
     assert_tensors_identical(before_state, edited["state"])
 
 
@@ -510,3 +512,27 @@ def test_stateformat_refuses_a_hand_built_edit_of_a_shared_tensor(tmp_path: Path
     target.touch()
     with pytest.raises(ForbiddenEditError, match="used elsewhere"):
         stateformat.write_state_file(doc, new_root, target)
+
+
+@pytest.mark.parametrize("change", [_same_object, _shared_storage, lambda group: None])
+def test_usage_counted_while_decoding_matches_a_walk_of_the_tree(
+        tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    directory = _save_optimizer_with(tmp_path / "checkpoint-2", change)
+    layout = torchzip.open_archive(directory / "optimizer_state.pt")
+    decoded = pickle_codec.decode_pickle_info(torchzip.read_pickle_bytes(layout))
+    walked = pickle_codec.tensor_usage(decoded.root)
+    assert decoded.usage.storage_refs == walked.storage_refs
+    assert decoded.usage.tensor_refs == walked.tensor_refs
+    assert {id(t) for t in decoded.usage.tensors} == {id(t) for t in walked.tensors}
+
+
+def test_diff_shows_the_edited_tensor_lr(tmp_path: Path) -> None:
+    original = _save_checkpoint(tmp_path / "a" / "checkpoint-5")
+    edited = _save_checkpoint(tmp_path / "b" / "checkpoint-5")
+    assert _run("modify", edited, "-c", "optimizer", "--set", "lr=2e-4", "--param-group", "1",
+                "--force").exit_code == 0
+    result = _run("diff", original, edited)
+    assert result.exit_code == 1
+    assert ("lr: tensor(float32, value=0.0005) -> tensor(float32, value=0.0002)"
+            in result.stdout)
+    assert result.stdout.count(" -> ") == 1

@@ -75,7 +75,7 @@ def _as_number(value: Any) -> float | None:
         return float(value)
     scalar = tensor_scalar(value)
     if scalar is not None and not isinstance(scalar.value, bool):
-        return float(scalar.value)
+        return float(scalar.display_value)  # as scaled (see stateformat.scale_tensor_scalar)
     return None
 
 

@@ -248,7 +248,11 @@ def scale_tensor_scalar(node: Any, factor: float, key: str) -> pickle_codec.Scal
     if current.dtype == "bool":
         raise ValueTypeError(f"{key} is a bool tensor ({current.text}); only numbers can be "
                              "scaled")
-    product = current.value * factor
+    # Scale the value as shown (the shortest literal for those bits, e.g. 0.001 for a float32
+    # that holds 0.0010000000474974513): that is the value a run was configured with, so the
+    # result is what ``torch.tensor(0.001 * factor)`` stores, as a run that used the new value
+    # from the start has. Both differ by at most one unit in the last place of the dtype.
+    product = current.display_value * factor
     if current.dtype not in _FLOAT_DTYPES:
         if not float(product).is_integer():
             raise ValueTypeError(f"{key} is an {current.dtype} tensor ({current.text}); "
