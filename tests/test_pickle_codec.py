@@ -159,6 +159,10 @@ def test_real_state_round_trips_byte_for_byte(name: str) -> None:
     root = pc.decode_pickle(data)
     assert pc.encode_pickle(root) == data
     assert pc.weights_only_violation(root, pc.decode_pickle_info(data).opcodes) is None
+    info = pc.decode_pickle_info(data)
+    # Globals and storages collected while decoding are exactly what a walk finds.
+    assert set(info.globals_named) == pc.referenced_globals(info.root)
+    assert pc.weights_only_violation(info.root, decoded=info) is None
 
 
 def test_shared_betas_tuple_stays_one_object() -> None:
@@ -273,6 +277,7 @@ def test_malicious_pickles_are_decoded_as_data(tmp_path: Path) -> None:
         assert reason is not None
         assert global_name in reason or "opcode" in reason
         assert pc.weights_only_violation(info.root) is not None
+        assert pc.weights_only_violation(info.root, decoded=info) == reason
         assert pc.encode_pickle(info.root) is not None  # re-encodable, still only names
         assert not marker.exists()
 

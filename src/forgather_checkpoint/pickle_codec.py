@@ -213,6 +213,10 @@ class DecodedPickle:
     protocol: int
     opcodes: frozenset[str]  # names of the opcodes that occur (weights_only accepts a subset)
     usage: TensorUsage  # tensors and storage references, counted while decoding
+    # Every global named and every persistent reference made by the stream, collected while
+    # decoding so the weights_only check needs no second walk over a large state.
+    globals_named: frozenset[str] = frozenset()
+    persistent_refs: tuple[PersistentRef, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +271,8 @@ class _Decoder:
         self.tensors: list[TensorRebuild] = []
         self.tensor_refs: dict[int, int] = {}
         self.storage_refs: dict[str, int] = {}
+        self.globals_named: set[str] = set()
+        self.persistent: list[PersistentRef] = []
 
     def fail(self, message: str, at: int | None = None) -> PickleDecodeError:
         where = self.pos if at is None else at
@@ -454,12 +460,14 @@ class _Decoder:
             elif op == 0x63:  # GLOBAL
                 module = self.take_line()
                 qualname = self.take_line()
+                self.globals_named.add(f"{module}.{qualname}")
                 stack.append(GlobalRef(module, qualname))
             elif op == 0x93:  # STACK_GLOBAL
                 qualname = self.pop()
                 module = self.pop()
                 if not isinstance(module, str) or not isinstance(qualname, str):
                     raise self.fail("STACK_GLOBAL needs two strings", start)
+                self.globals_named.add(f"{module}.{qualname}")
                 stack.append(GlobalRef(str(module), str(qualname)))
             elif op == 0x52:  # REDUCE
                 args = self.pop()
@@ -485,6 +493,7 @@ class _Decoder:
                     raise self.fail(f"BUILD on {type(target).__name__}", start)
             elif op == 0x51:  # BINPERSID
                 ref = PersistentRef(self.pop())
+                self.persistent.append(ref)
                 _, key = _storage_dtype(ref)
                 if key is not None:
                     self.storage_refs[key] = self.storage_refs.get(key, 0) + 1
@@ -562,7 +571,8 @@ def decode_pickle_info(data: bytes) -> DecodedPickle:
     except RecursionError:  # pragma: no cover - the decoder is iterative; kept for safety
         raise PickleDecodeError("invalid pickle: nested too deeply") from None
     usage = TensorUsage(decoder.storage_refs, decoder.tensor_refs, tuple(decoder.tensors))
-    return DecodedPickle(root, decoder.protocol, frozenset(decoder.opcodes), usage)
+    return DecodedPickle(root, decoder.protocol, frozenset(decoder.opcodes), usage,
+                         frozenset(decoder.globals_named), tuple(decoder.persistent))
 
 
 def decode_pickle(data: bytes) -> Any:
@@ -912,16 +922,26 @@ WEIGHTS_ONLY_ALLOWED_GLOBALS: frozenset[str] = _build_allowlist()
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-def weights_only_violation(root: Any, opcodes: frozenset[str] | None = None) -> str | None:
+def weights_only_violation(
+    root: Any, opcodes: frozenset[str] | None = None, *, decoded: DecodedPickle | None = None,
+) -> str | None:
     """Why ``torch.load(weights_only=True)`` (default allowlist) would refuse this tree, or None.
 
     ``opcodes`` (from ``decode_pickle_info``) adds the check for opcodes that loader lacks.
+    With ``decoded`` (the stream ``root`` came from), its opcodes, globals and persistent
+    references are used as collected while decoding instead of walking the tree again.
     """
+    if decoded is not None:
+        opcodes = decoded.opcodes
     if opcodes is not None:
         unsupported = sorted(opcodes - WEIGHTS_ONLY_OPCODES)
         if unsupported:
             return f"uses pickle opcode(s) {', '.join(unsupported)}"
-    names, persistent = _scan(root)
+    if decoded is not None:
+        names: set[str] = set(decoded.globals_named)
+        persistent: list[PersistentRef] = list(decoded.persistent_refs)
+    else:
+        names, persistent = _scan(root)
     for name in sorted(names):
         module, _, attr = name.rpartition(".")
         normalized = f"{_PY2_MODULES.get(module, module)}.{attr}"

@@ -92,7 +92,7 @@ def read_state_file(path: Path) -> StateDocument:
     root = decoded.root
     if not isinstance(root, dict):
         raise StateFileError(f"{path}: top level is {_kind_name(root)}, expected a dict")
-    violation = pickle_codec.weights_only_violation(root, decoded.opcodes)
+    violation = pickle_codec.weights_only_violation(root, decoded=decoded)
     if violation is not None:
         raise StateFileError(
             f"{path}: torch.load(weights_only=True) would refuse this file (it {violation}); "
