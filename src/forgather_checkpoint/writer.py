@@ -83,7 +83,14 @@ from typing import Any
 
 from . import errors
 from .failpoints import failpoint
-from .locking import CheckpointLock, LockHolder, acquire_lock, fsync_dir, read_lock_holder
+from .locking import (
+    CheckpointLock,
+    LockHolder,
+    acquire_lock,
+    current_user,
+    fsync_dir,
+    read_lock_holder,
+)
 
 TEMP_MARKER = ".fgc-tmp-"
 STATE_DIR_NAME = ".forgather_checkpoint"
@@ -399,13 +406,6 @@ def _reason(exc: BaseException) -> str:
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _user() -> str:
-    for var in ("USER", "LOGNAME"):
-        if os.environ.get(var):
-            return os.environ[var]
-    return str(os.getuid())
 
 
 def _new_commit_id() -> str:
@@ -1096,7 +1096,7 @@ def _commit_locked(
         "history_entry": {
             "id": commit_id,
             "time": _now(),
-            "user": _user(),
+            "user": current_user(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "action": action,
