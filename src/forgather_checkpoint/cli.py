@@ -86,7 +86,9 @@ def checkpoint() -> None:
       forgather checkpoint components checkpoints/checkpoint-10000
       forgather checkpoint list checkpoints/checkpoint-10000 --component optimizer
       forgather checkpoint modify checkpoints/checkpoint-10000 --component optimizer \\
-          --set weight_decay=0.01 --scale lr=0.5 --dry-run
+          --set weight_decay=0.01 --dry-run
+      forgather checkpoint lr checkpoints/checkpoint-10000 --scale 0.5
+      forgather checkpoint verify 'checkpoints/checkpoint-*'
 
     Exit status: 0 success, 1 error (nothing changed), 2 usage error.
     """
@@ -212,7 +214,7 @@ def _complete_component(ctx: click.Context, param: click.Parameter,
 @VERBOSE_OPT
 @JSON_OPT
 def components(checkpoint_path: Path, verbose: bool, as_json: bool) -> None:
-    """List the components of a checkpoint (optimizer, scheduler, rng, ...).
+    """List the components of a checkpoint and their files.
 
     Shows each component's sharing pattern (from checkpoint_manifest.json when present,
     otherwise inferred from the file names), file count and total size. Model weights, the
@@ -322,7 +324,7 @@ def _components_json(info: Any, pending: str | None) -> dict[str, Any]:
 @JSON_OPT
 def list_command(checkpoint_paths: tuple[Path, ...], component: str,
                  optimizer_index: int | None, verbose: bool, as_json: bool) -> None:
-    """List the parameters of a component that can be modified.
+    """List the values of a component that can be modified.
 
     Optimizer: each param group's hyperparameters. Other components: every value, nested ones
     as dotted paths (e.g. _schedulers.0.base_lrs) usable as KEY in 'modify'. Tensors are
@@ -362,7 +364,7 @@ def list_command(checkpoint_paths: tuple[Path, ...], component: str,
     if as_json:
         _echo_json(outcomes[0] if single else _batch_json("list", outcomes))
     if any(o.get("status") == "failed" for o in outcomes):
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _only_optimizer(listing: Any, index: int, path: Path) -> Any:
@@ -506,7 +508,7 @@ def modify(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Modify non-tensor values of a component in every one of its files.
+    """Modify values of a component in every one of its files.
 
     KEY is a parameter name (for the optimizer: a param group key such as lr) or a dotted
     path into nested state (e.g. _schedulers.0.base_lrs). --set keeps a value's kind
@@ -653,7 +655,7 @@ def _finish(command: str, paths: list[Path], outcomes: list[dict[str, Any]],
         click.echo(f"Summary: {counts['done']} done, {counts['skipped']} skipped, "
                    f"{counts['failed']} failed ({len(paths)} checkpoints)")
     if failed:
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _batch_counts(outcomes: list[dict[str, Any]]) -> dict[str, int]:
@@ -841,8 +843,9 @@ def _finite_number(ctx: click.Context, param: click.Parameter, value: str | None
 def lr_command(checkpoint_paths: tuple[Path, ...], set_value: float | None, scale: float | None,
                param_group: int | None, dry_run: bool, no_backup: bool, force: bool,
                wait: float, verify_load: bool, quiet: bool, as_json: bool) -> None:
-    """Change the learning rate for the rest of training (optimizer and scheduler together).
+    """Change the learning rate for the rest of training.
 
+    Optimizer and scheduler are changed together.
     Schedulers recompute each group's lr from their base_lrs on every step, so editing only
     the optimizer's lr lasts one step. This command changes, as one transaction, everything
     that decides the learning rate from the next step on: each group's lr and initial_lr (and
@@ -892,8 +895,9 @@ class _ExitTwo(click.ClickException):
 @JSON_OPT
 def diff(checkpoint_a: Path, checkpoint_b: Path | None, component: str | None, ranks: bool,
          as_json: bool) -> None:
-    """Show every non-tensor value that differs between two checkpoints.
+    """Compare two checkpoints, or the rank files of one.
 
+    Shows every non-tensor value that differs.
     Per file and param group, with A's and B's values; files or components on one side only
     are reported. Tensors are compared by dtype and shape, not contents. With --ranks, the
     rank files of one checkpoint are compared with its first rank file.
@@ -924,7 +928,7 @@ def diff(checkpoint_a: Path, checkpoint_b: Path | None, component: str | None, r
     else:
         _show_diff(result)
     if not result.equal:
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _show_diff(result: Any) -> None:
@@ -952,7 +956,7 @@ def _show_diff(result: Any) -> None:
 @CHECKPOINTS_ARG
 @JSON_OPT
 def verify(checkpoint_paths: tuple[Path, ...], as_json: bool) -> None:
-    """Check a checkpoint the way a Forgather resume will meet it.
+    """Check a checkpoint the way a Forgather resume will.
 
     The manifest loads under Forgather's strict rules; every component it lists has all its
     files for its pattern and ranks; replicated files agree; every file decodes; size_bytes
@@ -990,9 +994,9 @@ def verify(checkpoint_paths: tuple[Path, ...], as_json: bool) -> None:
     if as_json:
         _echo_json(reports[0] if len(paths) == 1 else _batch_json("verify", reports))
     if unreadable:
-        raise SystemExit(2)
+        raise click.exceptions.Exit(2)
     if any(r.get("status") != "done" for r in reports):
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _show_verify(report: Any) -> None:
@@ -1017,7 +1021,7 @@ def _show_verify(report: Any) -> None:
 @WAIT_OPT
 @JSON_OPT
 def recover(checkpoint_path: Path, wait: float, as_json: bool) -> None:
-    """Finish or undo an edit that was interrupted (crash, kill, power loss).
+    """Finish or undo an interrupted edit (crash, kill, power loss).
 
     An edit is committed through a journal: if it stopped before its commit point it is
     undone, otherwise it is finished, so every file is either all as before or all as
@@ -1059,7 +1063,7 @@ def recover(checkpoint_path: Path, wait: float, as_json: bool) -> None:
 @CHECKPOINT_ARG
 @JSON_OPT
 def history(checkpoint_path: Path, as_json: bool) -> None:
-    """Show the edits made to a checkpoint by this tool, oldest first.
+    """Show the edits made to a checkpoint, oldest first.
 
     Each entry has an id (for 'restore --to ID'), time, user, host, what was changed
     (old -> new) and where each file's previous bytes are kept.
@@ -1127,7 +1131,7 @@ def _history_json(entry: Any) -> dict[str, Any]:
 @JSON_OPT
 def restore(checkpoint_path: Path, to: str | None, original: bool, dry_run: bool, force: bool,
             wait: float, as_json: bool) -> None:
-    """Undo edits: put files back from their backups, as one transaction.
+    """Undo edits: put files back from their backups.
 
     Without --to or --original, undoes the last entry of 'history'. The restore is itself
     recorded in the history (so it can be undone too); backups are never deleted.
