@@ -217,8 +217,9 @@ def components(checkpoint_path: Path, verbose: bool, as_json: bool) -> None:
     """List the components of a checkpoint and their files.
 
     Shows each component's sharing pattern (from checkpoint_manifest.json when present,
-    otherwise inferred from the file names), file count and total size. Model weights, the
-    manifest and other files are listed apart: this tool never edits them.
+    otherwise inferred from the file names), file count and total size. Model weights and
+    other files are listed apart: this tool never edits them (the manifest is only kept up to
+    date by modify).
 
     \b
     Example:
