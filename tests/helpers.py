@@ -49,3 +49,16 @@ def assert_tensors_identical(left: Any, right: Any, where: str = "") -> None:
         assert isinstance(right, (list, tuple)) and len(left) == len(right), where
         for index, (a, b) in enumerate(zip(left, right)):
             assert_tensors_identical(a, b, f"{where}.{index}")
+
+
+def train_steps(optimizer: Any, scheduler: Any, steps: int) -> list[list[float]]:
+    """Step a real optimizer (gradients of ones) and scheduler; each step's lr per group."""
+    seen = []
+    for _ in range(steps):
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.ones_like(param)
+        optimizer.step()
+        scheduler.step()
+        seen.append([float(group["lr"]) for group in optimizer.param_groups])
+    return seen

@@ -21,7 +21,7 @@ from torch.optim import lr_scheduler
 
 from forgather_checkpoint.cli import checkpoint
 
-from .helpers import assert_tensors_identical, assert_unchanged, load, snapshot
+from .helpers import assert_tensors_identical, assert_unchanged, load, snapshot, train_steps
 
 STEPS_BEFORE = 7
 STEPS_AFTER = 20
@@ -67,23 +67,11 @@ def _optimizer(lrs: tuple[float, ...], seed: int = 0) -> torch.optim.Optimizer:
     )
 
 
-def _train(optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> list[list[float]]:
-    seen = []
-    for _ in range(steps):
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                param.grad = torch.ones_like(param)
-        optimizer.step()
-        scheduler.step()
-        seen.append([float(g["lr"]) for g in optimizer.param_groups])
-    return seen
-
-
 def _save_checkpoint(directory: Path, name: str) -> Path:
     directory.mkdir(parents=True)
     optimizer = _optimizer(BASE_LRS)
     scheduler = SCHEDULERS[name](optimizer, 1.0)
-    _train(optimizer, scheduler, STEPS_BEFORE)
+    train_steps(optimizer, scheduler, STEPS_BEFORE)
     torch.save(optimizer.state_dict(), directory / "optimizer_state.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler_state.pt")
     return directory
@@ -94,13 +82,13 @@ def _resume(directory: Path, name: str) -> list[list[float]]:
     scheduler = SCHEDULERS[name](optimizer, 1.0)
     optimizer.load_state_dict(load(directory / "optimizer_state.pt"))
     scheduler.load_state_dict(load(directory / "scheduler_state.pt"))
-    return _train(optimizer, scheduler, STEPS_AFTER)
+    return train_steps(optimizer, scheduler, STEPS_AFTER)
 
 
 def _reference(name: str, lrs: tuple[float, ...], factor: float) -> list[list[float]]:
     optimizer = _optimizer(lrs)
     scheduler = SCHEDULERS[name](optimizer, factor)
-    return _train(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
+    return train_steps(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
 
 
 def _assert_same_schedule(actual: list[list[float]], expected: list[list[float]]) -> None:
@@ -139,7 +127,7 @@ def test_set_moves_each_group_to_the_new_base(tmp_path: Path, name: str) -> None
         scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=[3e-4 * 25] * 2, total_steps=40)
     else:
         scheduler = SCHEDULERS[name](optimizer, 1.0)
-    expected = _train(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
+    expected = train_steps(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
     _assert_same_schedule(_resume(directory, name), expected)
 
 

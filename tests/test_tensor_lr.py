@@ -32,7 +32,7 @@ from forgather_checkpoint import pickle_codec, stateformat, torchzip
 from forgather_checkpoint.cli import checkpoint
 from forgather_checkpoint.errors import ForbiddenEditError, ValidationError, ValueTypeError
 
-from .helpers import assert_tensors_identical, assert_unchanged, snapshot, tensor_bytes
+from .helpers import assert_tensors_identical, assert_unchanged, snapshot, tensor_bytes, train_steps
 
 BASE_LRS = (1e-3, 5e-4)
 STEPS_BEFORE = 5
@@ -69,24 +69,12 @@ def _optimizer(name: str, lrs: Iterable[float] = BASE_LRS) -> torch.optim.Optimi
     return factory(groups)
 
 
-def _train(optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> list[list[float]]:
-    seen = []
-    for _ in range(steps):
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                param.grad = torch.ones_like(param)
-        optimizer.step()
-        scheduler.step()
-        seen.append([float(group["lr"]) for group in optimizer.param_groups])
-    return seen
-
-
 def _save_checkpoint(directory: Path, optimizer_name: str = "adamw_fused_float32",
                      scheduler_name: str = "lambda_warmup") -> Path:
     directory.mkdir(parents=True)
     optimizer = _optimizer(optimizer_name)
     scheduler = SCHEDULERS[scheduler_name](optimizer, 1.0)
-    _train(optimizer, scheduler, STEPS_BEFORE)
+    train_steps(optimizer, scheduler, STEPS_BEFORE)
     torch.save(optimizer.state_dict(), directory / "optimizer_state.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler_state.pt")
     return directory
@@ -236,7 +224,7 @@ def _resume(directory: Path, optimizer_name: str, scheduler_name: str) -> list[l
     scheduler = SCHEDULERS[scheduler_name](optimizer, 1.0)
     optimizer.load_state_dict(_load(directory / "optimizer_state.pt", mmap=True))
     scheduler.load_state_dict(_load(directory / "scheduler_state.pt"))
-    return _train(optimizer, scheduler, STEPS_AFTER)
+    return train_steps(optimizer, scheduler, STEPS_AFTER)
 
 
 @pytest.mark.parametrize("scheduler_name", sorted(SCHEDULERS))
@@ -251,7 +239,7 @@ def test_lr_scale_lasts_like_a_run_that_used_it_from_the_start(
 
     optimizer = _optimizer(optimizer_name, [lr * 0.1 for lr in BASE_LRS])
     scheduler = SCHEDULERS[scheduler_name](optimizer, 0.1)
-    expected = _train(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
+    expected = train_steps(optimizer, scheduler, STEPS_BEFORE + STEPS_AFTER)[STEPS_BEFORE:]
     actual = _resume(directory, optimizer_name, scheduler_name)
     for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
         for group, (a, b) in enumerate(zip(got, want, strict=True)):
@@ -330,7 +318,7 @@ def _save_optimizer_with(directory: Path, change: Callable[[dict[str, Any]], Non
     directory.mkdir(parents=True)
     optimizer = _optimizer("adamw_fused_float32")
     scheduler = SCHEDULERS["lambda_warmup"](optimizer, 1.0)
-    _train(optimizer, scheduler, 2)
+    train_steps(optimizer, scheduler, 2)
     state = optimizer.state_dict()
     change(state["param_groups"][0])
     torch.save(state, directory / "optimizer_state.pt")
