@@ -405,17 +405,17 @@ def test_corrupted_write_fails_validation_and_nothing_is_replaced(
 
     path = make_checkpoint(layout="pipeline", world_size=4)
     before = snapshot(path)
-    real_write = operations.write_state_file
+    real_write = operations.write_prepared
 
-    def corrupting_write(doc: Any, new_root: Any, destination: Path) -> None:
-        real_write(doc, new_root, destination)
-        if doc.path.name == "optimizer_state_rank_2.pt":
+    def corrupting_write(prepared: Any, destination: Path) -> None:
+        real_write(prepared, destination)
+        if prepared.doc.path.name == "optimizer_state_rank_2.pt":
             data = bytearray(destination.read_bytes())
             index = data.find(b"weight_decay")
             data[index + 2] ^= 0x01  # a bit flip inside data.pkl
             destination.write_bytes(bytes(data))
 
-    monkeypatch.setattr(operations, "write_state_file", corrupting_write)
+    monkeypatch.setattr(operations, "write_prepared", corrupting_write)
     result = run("modify", path, "-c", "optimizer", "--set", "weight_decay=0.5", "--force")
     assert result.exit_code == 1
     assert "modified checkpoint failed validation" in result.stderr

@@ -25,10 +25,11 @@ from .listing import ComponentListing, document_notes, list_documents, to_json_v
 from .locking import current_user
 from .stateformat import (
     StateDocument,
+    prepare_write,
     read_state_file,
     verify_load_with_torch,
-    verify_state_file,
-    write_state_file,
+    verify_prepared,
+    write_prepared,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -265,14 +266,10 @@ def apply_modify(
     ``verify_load`` additionally loads every staged file with
     ``torch.load(weights_only=True, mmap=True)`` before anything is replaced.
     """
-    from .writer import StagedWrite, commit_atomically
+    from .writer import commit_atomically
 
     writes = [
-        StagedWrite(
-            target=file_plan.document.path,
-            render=_renderer(file_plan, plan.identities.get(file_plan.document.path)),
-            validate=_validator(file_plan, verify_load),
-        )
+        _staged_write(file_plan, plan.identities.get(file_plan.document.path), verify_load)
         for file_plan in plan.changed_files
     ]
     record = {
@@ -286,8 +283,13 @@ def apply_modify(
                              progress=progress, action=plan.command)
 
 
-def _renderer(file_plan: FilePlan, identity: tuple[int, int, int] | None
-              ) -> Callable[[Path, Mapping[Path, Path]], None]:
+def _staged_write(file_plan: FilePlan, identity: tuple[int, int, int] | None,
+                  verify_load: bool) -> Any:
+    from .writer import StagedWrite
+
+    # Encoded once: the render writes these bytes and the validation checks for exactly them.
+    prepared = prepare_write(file_plan.document, file_plan.new_root)
+
     def render(temp: Path, staged: Mapping[Path, Path]) -> None:
         # Called under the lock: refuse to overwrite an edit that landed after we read.
         current = os.stat(file_plan.document.path)
@@ -297,19 +299,15 @@ def _renderer(file_plan: FilePlan, identity: tuple[int, int, int] | None
                 f"{file_plan.document.path.name} changed since it was read (another edit "
                 "finished first); nothing was changed, run the command again"
             )
-        write_state_file(file_plan.document, file_plan.new_root, temp)
+        write_prepared(prepared, temp)
 
-    return render
-
-
-def _validator(file_plan: FilePlan, verify_load: bool) -> Callable[[Path], None]:
     def validate(temp: Path) -> None:
-        verify_state_file(file_plan.document, temp, file_plan.new_root)
+        verify_prepared(prepared, temp)
         if verify_load:
             # Optional belt and braces: the real loader, memory-mapped so it stays cheap.
             verify_load_with_torch(temp)
 
-    return validate
+    return StagedWrite(target=file_plan.document.path, render=render, validate=validate)
 
 
 def modified_by() -> str:

@@ -33,6 +33,7 @@ from . import pickle_codec, torchzip
 from .errors import ForbiddenEditError, StateFileError, ValidationError, ValueTypeError
 
 __all__ = [
+    "PreparedWrite",
     "StateDocument",
     "describe_opaque",
     "is_opaque",
@@ -40,8 +41,11 @@ __all__ = [
     "scale_tensor_scalar",
     "set_tensor_scalar",
     "tensor_scalar",
+    "prepare_write",
     "verify_load_with_torch",
+    "verify_prepared",
     "verify_state_file",
+    "write_prepared",
     "write_state_file",
 ]
 
@@ -113,43 +117,76 @@ def read_state_file(path: Path) -> StateDocument:
                          private={"layout": layout, "pickle": data}, notes=tuple(notes))
 
 
-def write_state_file(doc: StateDocument, new_root: Any, destination: Path) -> None:
-    """Write the complete new file for ``doc`` holding ``new_root`` into ``destination``.
+@dataclass(frozen=True)
+class PreparedWrite:
+    """Everything needed to write (and then verify) one file: computed once per file.
 
-    ``destination`` is an existing, empty temp file; no fsync or rename happens here.
+    Encoding the pickle, the weights_only check and finding edited elements each walk the
+    whole state; a commit writes a file and then verifies it, so they are done here once.
     """
+
+    doc: StateDocument
+    root: Any
+    pickle: bytes = b""  # the encoded data.pkl (zip files)
+    patches: dict[str, bytes] = field(default_factory=dict)  # storage record -> new bytes
+
+
+def prepare_write(doc: StateDocument, new_root: Any) -> PreparedWrite:
+    """Encode ``new_root`` for ``doc``; raises when the edited state would not stay loadable."""
     if doc.backend == LEGACY_BACKEND:
-        _write_legacy(new_root, destination)
-        return
+        return PreparedWrite(doc, new_root)
     layout = _layout_of(doc)
-    _check_still_loadable(new_root, destination)
+    _check_still_loadable(new_root, doc.path)
     data = pickle_codec.encode_pickle(new_root, protocol=2)
     try:
         patches = _storage_patches(doc, layout, new_root)
-        torchzip.rewrite(layout, destination, data, patches)
+    except StateFileError as exc:
+        raise StateFileError(f"{doc.path}: cannot rewrite: {exc}") from None
+    return PreparedWrite(doc, new_root, data, patches)
+
+
+def write_prepared(prepared: PreparedWrite, destination: Path) -> None:
+    """Write the prepared file into ``destination`` (an existing, empty temp file); no fsync
+    or rename happens here."""
+    doc = prepared.doc
+    if doc.backend == LEGACY_BACKEND:
+        _write_legacy(prepared.root, destination)
+        return
+    try:
+        torchzip.rewrite(_layout_of(doc), destination, prepared.pickle, prepared.patches)
     except StateFileError as exc:
         raise StateFileError(f"{doc.path}: cannot rewrite: {exc}") from None
 
 
-def verify_state_file(doc: StateDocument, written: Path, expected_root: Any) -> None:
-    """Raise ValidationError unless ``written`` holds exactly ``expected_root``.
+def verify_prepared(prepared: PreparedWrite, written: Path) -> None:
+    """Raise ValidationError unless ``written`` holds exactly the prepared state.
 
     For zip files: the written directory is re-read, the new data.pkl is CRC-checked, decoded
-    and compared with ``expected_root`` (values and sharing), and every tensor record must be
+    and compared with the intended tree (values and sharing), and every tensor record must be
     present with its original size, CRC and data alignment; a record holding an edited element
     must hold exactly the original bytes with that element replaced.
     """
+    doc = prepared.doc
     if doc.backend == LEGACY_BACKEND:
-        _verify_legacy(written, expected_root)
+        _verify_legacy(written, prepared.root)
         return
-    layout = _layout_of(doc)
-    _check_still_loadable(expected_root, written)
-    expected = pickle_codec.encode_pickle(expected_root, protocol=2)
+    torchzip.verify_rewrite(written, _layout_of(doc), prepared.pickle, prepared.root,
+                            prepared.patches)
+
+
+def write_state_file(doc: StateDocument, new_root: Any, destination: Path) -> None:
+    """Write the complete new file for ``doc`` holding ``new_root`` into ``destination``."""
+    write_prepared(prepare_write(doc, new_root), destination)
+
+
+def verify_state_file(doc: StateDocument, written: Path, expected_root: Any) -> None:
+    """Raise ValidationError unless ``written`` holds exactly ``expected_root`` (see
+    :func:`verify_prepared`)."""
     try:
-        patches = _storage_patches(doc, layout, expected_root)
+        prepared = prepare_write(doc, expected_root)
     except StateFileError as exc:
         raise ValidationError(f"{written}: {exc}") from None
-    torchzip.verify_rewrite(written, layout, expected, expected_root, patches)
+    verify_prepared(prepared, written)
 
 
 def verify_load_with_torch(path: Path) -> Any:
