@@ -122,7 +122,8 @@ def _targeted(count: int, param_group: int | None, file: str) -> list[int]:
     return [param_group]
 
 
-def _scheduler_base_lrs(scheduler_roots: Sequence[Any]) -> list[Any] | None:
+def scheduler_base_lrs(scheduler_roots: Sequence[Any]) -> list[Any] | None:
+    """The first ``base_lrs`` of the scheduler states (top level, else nested ``_schedulers``)."""
     for root in scheduler_roots:
         if isinstance(root, Mapping) and isinstance(root.get("base_lrs"), list):
             return list(root["base_lrs"])
@@ -257,7 +258,7 @@ def plan_lr_change(optimizer_docs: Sequence[StateDocument],
                    request: LrRequest) -> tuple[EditPlan, EditPlan | None, list[str]]:
     """Plans for the optimizer files and (when present) the scheduler files, plus warnings."""
     warnings: list[str] = []
-    scheduler_base = _scheduler_base_lrs([doc.root for doc in scheduler_docs])
+    scheduler_base = scheduler_base_lrs([doc.root for doc in scheduler_docs])
     optimizer_plan = EditPlan("optimizer", tuple(
         plan_optimizer_file(doc, request, scheduler_base) for doc in optimizer_docs))
     if not scheduler_docs:

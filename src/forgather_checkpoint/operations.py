@@ -219,7 +219,9 @@ def _lr_warnings(info: CheckpointInfo, component: str, plan: EditPlan) -> list[s
         root = read_state_file(scheduler.files[0].path).root
     except Exception:  # noqa: BLE001 - a warning must never turn into a failure
         return []
-    if not _has_base_lrs(root):
+    from .lrchange import scheduler_base_lrs
+
+    if scheduler_base_lrs([root]) is None:
         return []
     return [
         "the scheduler recomputes lr from its base_lrs on every step, so this lr change "
@@ -227,14 +229,6 @@ def _lr_warnings(info: CheckpointInfo, component: str, plan: EditPlan) -> list[s
         f"'forgather checkpoint lr {info.path} --set VALUE' (or also edit the scheduler's "
         "base_lrs with --component scheduler)"
     ]
-
-
-def _has_base_lrs(node: Any) -> bool:
-    if isinstance(node, Mapping):
-        return "base_lrs" in node or any(_has_base_lrs(v) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return any(_has_base_lrs(v) for v in node)
-    return False
 
 
 def change_summary(plan: EditPlan) -> list[dict[str, Any]]:
