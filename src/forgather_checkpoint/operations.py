@@ -20,9 +20,10 @@ from typing import Any
 from . import __version__
 from .discovery import CheckpointInfo, Component, discover_components, read_manifest
 from .editor import EditPlan, EditSpec, FilePlan, plan_edits
-from .errors import LockedError, ManifestError, StaleReadError
+from .errors import LockedError, ManifestError, StaleReadError, StateFileError
 from .listing import ComponentListing, document_notes, list_documents, to_json_value
 from .locking import current_user
+from .lrchange import scheduler_base_lrs
 from .stateformat import (
     StateDocument,
     prepare_write,
@@ -217,10 +218,8 @@ def _lr_warnings(info: CheckpointInfo, component: str, plan: EditPlan) -> list[s
         return []
     try:
         root = read_state_file(scheduler.files[0].path).root
-    except Exception:  # noqa: BLE001 - a warning must never turn into a failure
+    except StateFileError:  # an unreadable scheduler is not this command's error
         return []
-    from .lrchange import scheduler_base_lrs
-
     if scheduler_base_lrs([root]) is None:
         return []
     return [
