@@ -15,15 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from forgather_checkpoint.cli import checkpoint
-from forgather_checkpoint.examples import make_optimizer  # noqa: F401  (documents the builder)
 
 from .forgather_loader import load_manifest_strict
 from .helpers import assert_tensors_identical, assert_unchanged, load, snapshot
-
-LAYOUT_OPTIMIZER_FILES = {
-    "single": ["optimizer_state.pt"],
-    "ddp": ["optimizer_state.pt"],
-}
 
 
 def run(*args: Any, input: str | None = None) -> Any:
