@@ -709,7 +709,7 @@ def _report_commit(plan: Any, result: Any, quiet: bool) -> None:
     files = len(plan.changed_files)
     keys = ", ".join(part.component.key for part in plan.parts)
     click.echo(f"Modified {files} file(s) of {keys} in {plan.info.path} "
-               f"(history entry {getattr(result, 'commit_id', '?')}).")
+               f"(history entry {result.commit_id}).")
     for line in _result_lines(result):
         click.echo(line)
 
@@ -759,21 +759,13 @@ def _show_plan(plan: Any, verbose: bool) -> None:
 
 
 def _result_lines(result: Any) -> list[str]:
-    lines = []
-    backups = getattr(result, "backups", None) or ()
-    for backup in backups:
-        path = getattr(backup, "path", backup)
-        how = getattr(backup, "method", None)
-        lines.append(f"Backup: {path}" + (f" ({how})" if how else ""))
-    return lines
+    return [f"Backup: {backup.path} ({backup.method})" for backup in result.backups]
 
 
 def _modify_json(plan: Any, *, dry_run: bool, result: Any, status: str) -> dict[str, Any]:
     from .listing import to_json_value
 
-    backups = []
-    for backup in (getattr(result, "backups", None) or ()) if result is not None else ():
-        backups.append(str(getattr(backup, "path", backup)))
+    backups = [str(backup.path) for backup in result.backups] if result is not None else []
     return {
         "schema": f"forgather-checkpoint.{plan.command}",
         "version": JSON_SCHEMA_VERSION,
@@ -783,7 +775,7 @@ def _modify_json(plan: Any, *, dry_run: bool, result: Any, status: str) -> dict[
         "status": status,
         "dry_run": dry_run,
         "applied": result is not None,
-        "commit_id": getattr(result, "commit_id", None),
+        "commit_id": result.commit_id if result is not None else None,
         "warnings": list(plan.warnings),
         "files": [
             {
