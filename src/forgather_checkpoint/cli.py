@@ -273,12 +273,14 @@ def components(checkpoint_path: Path, verbose: bool, as_json: bool) -> None:
 
 
 def _pending_commit(path: Path) -> str | None:
-    try:
-        from .writer import pending_commit
-    except ImportError:
-        return None
+    from .writer import pending_commit
+
     state = pending_commit(path)
-    return None if not state else str(state)
+    if state is None:
+        return None
+    who = f", held by {state.holder.describe()}" if state.in_progress and state.holder else ""
+    return (f"commit {state.commit_id or '(not journaled)'} in phase {state.phase}; "
+            f"next step: {state.next_step}{who}")
 
 
 def _components_json(info: Any, pending: str | None) -> dict[str, Any]:
