@@ -36,6 +36,7 @@ __all__ = [
     "PreparedWrite",
     "StateDocument",
     "describe_opaque",
+    "first_difference",
     "is_opaque",
     "read_state_file",
     "scale_tensor_scalar",
@@ -529,12 +530,17 @@ def _verify_legacy(written: Path, expected_root: Any) -> None:
         actual = _read_legacy(Path(written)).root
     except StateFileError as exc:
         raise ValidationError(f"{written}: written file does not load back: {exc}") from exc
-    problem = _first_difference(expected_root, actual, "")
+    problem = first_difference(expected_root, actual)
     if problem is not None:
         raise ValidationError(f"{written}: written file differs from the plan at {problem}")
 
 
-def _first_difference(expected: Any, actual: Any, where: str) -> str | None:
+def first_difference(expected: Any, actual: Any, where: str = "") -> str | None:
+    """The dotted path of the first place two torch-loaded trees differ, else None.
+
+    Containers must have the same type, keys in the same order and the same length; tensors
+    must match bit for bit (so NaNs and -0.0 compare as stored); a NaN equals a NaN.
+    """
     if is_opaque(expected) or is_opaque(actual):
         return None if _same_tensor_bits(expected, actual) else (where or "<root>")
     if type(expected) is not type(actual):
@@ -543,7 +549,7 @@ def _first_difference(expected: Any, actual: Any, where: str) -> str | None:
         if list(expected.keys()) != list(actual.keys()):
             return where or "<root>"
         for key in expected:
-            found = _first_difference(expected[key], actual[key], f"{where}.{key}".lstrip("."))
+            found = first_difference(expected[key], actual[key], f"{where}.{key}".lstrip("."))
             if found:
                 return found
         return None
@@ -551,7 +557,7 @@ def _first_difference(expected: Any, actual: Any, where: str) -> str | None:
         if len(expected) != len(actual):
             return where or "<root>"
         for index, (left, right) in enumerate(zip(expected, actual)):
-            found = _first_difference(left, right, f"{where}.{index}".lstrip("."))
+            found = first_difference(left, right, f"{where}.{index}".lstrip("."))
             if found:
                 return found
         return None
@@ -567,6 +573,7 @@ def _same_tensor_bits(left: Any, right: Any) -> bool:
         return type(left) is type(right) and left == right
     if left.dtype != right.dtype or left.shape != right.shape:
         return False
-    left_bytes = left.detach().contiguous().reshape(-1).view(torch.uint8)
-    right_bytes = right.detach().contiguous().reshape(-1).view(torch.uint8)
+    # On the CPU: a caller's state may hold CUDA tensors, the loaded copy never does.
+    left_bytes = left.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    right_bytes = right.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     return bool(torch.equal(left_bytes, right_bytes))

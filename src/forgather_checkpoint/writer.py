@@ -1300,6 +1300,8 @@ def save_checkpoint_atomically(
     staged, verified by ``torch.load(weights_only=True)`` and compared, backed up, replaced."""
     import torch  # deferred: importing the writer must stay cheap and torch-free
 
+    from .stateformat import first_difference
+
     path = Path(path)
 
     def render(temp: Path, _rendered: Mapping[Path, Path]) -> None:
@@ -1312,11 +1314,11 @@ def save_checkpoint_atomically(
             raise errors.ValidationError(
                 f"the new {path.name} does not load with torch.load(weights_only=True): {exc}"
             ) from exc
-        where = _first_difference(loaded, state_dict, "")
+        where = first_difference(state_dict, loaded)
         if where is not None:
             raise errors.ValidationError(
                 f"the new {path.name} does not read back as the state that was saved "
-                f"(first difference at {where or 'the top level'})"
+                f"(first difference at {where})"
             )
 
     return commit_atomically(
@@ -1327,39 +1329,3 @@ def save_checkpoint_atomically(
         wait=wait,
         action="save",
     )
-
-
-def _first_difference(a: Any, b: Any, where: str) -> str | None:
-    """The path of the first place ``a`` and ``b`` differ (tensors bit for bit), else None."""
-    import torch
-
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return where
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return where
-        # Bitwise, so NaNs and -0.0 compare as stored.
-        bits_a = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        bits_b = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        return None if torch.equal(bits_a, bits_b) else where
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        if list(a.keys()) != list(b.keys()):
-            return where
-        for k in a:
-            diff = _first_difference(a[k], b[k], f"{where}.{k}" if where else str(k))
-            if diff is not None:
-                return diff
-        return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if type(a) is not type(b) or len(a) != len(b):
-            return where
-        for i, (x, y) in enumerate(zip(a, b)):
-            diff = _first_difference(x, y, f"{where}.{i}" if where else str(i))
-            if diff is not None:
-                return diff
-        return None
-    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
-        return None  # NaN hyperparameters are legal and equal to themselves here
-    if type(a) is not type(b) or a != b:
-        return where
-    return None
